@@ -1,0 +1,66 @@
+"""The `bov` command line: thin wrappers that parse options and call the library."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from bov.config import ConfigError, list_presets, list_variants, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ablations of attention value paths.")
+
+PRESET = typer.Option("tiny", "--preset", "-p", help="scale preset: micro, tiny, 135m, 780m, or a YAML path")
+VARIANT = typer.Option("baseline", "--variant", "-v", help="named variant (see `bov presets`) or a YAML path")
+SET = typer.Option(None, "--set", "-s", help="dotted override, e.g. model.bank_layers=every_other (repeatable)")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_or_exit(preset: str, variant: str | None, overrides: list[str] | None):
+    try:
+        return load_config(preset, variant, overrides or [])
+    except ConfigError as e:
+        fail(str(e))
+
+
+@app.command()
+def presets() -> None:
+    """List scale presets and named variants."""
+    typer.echo("scales:   " + ", ".join(list_presets()))
+    typer.echo("variants: " + ", ".join(list_variants()))
+
+
+@app.command()
+def describe(preset: str = PRESET, variant: str = VARIANT, set_: Optional[List[str]] = SET) -> None:
+    """Print the per-layer value plan, parameter split and FLOPs of a preset/variant."""
+    import torch
+
+    from bov.model import GPT, layer_windows
+
+    cfg = load_or_exit(preset, variant, set_)
+    with torch.device("meta"):  # shapes only: describes 780m without allocating it
+        model = GPT(cfg.model)
+    m = cfg.model
+    typer.echo(f"{cfg.preset} / {cfg.variant}: {m.n_layers} layers, d={m.d_model}, "
+               f"heads {m.n_heads} (kv {m.n_kv_heads}) x {m.head_dim}, vocab {m.vocab_size}, seq {m.seq_len}")
+    typer.echo(f"{'layer':>5}  {'role':<9} {'W_V':<4} {'window':<7} {'coeff':<17} value")
+    for p, w in zip(model.plan, layer_windows(m)):
+        typer.echo(f"{p.layer:>5}  {p.role:<9} {'yes' if p.has_v_proj else 'no':<4} {w or 'full'!s:<7} "
+                   f"{(p.coeff if p.source else '-'):<17} {p.describe()}")
+    split = model.param_breakdown()
+    typer.echo("params: " + ", ".join(f"{k} {v:,}" for k, v in split.items()))
+    typer.echo(f"params total {model.num_params():,}; without lookup tables {model.num_params(exclude_embeddings=True):,}")
+    typer.echo(f"training FLOPs/token at seq {m.seq_len}: {model.flops_per_token():.4e}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

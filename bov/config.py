@@ -1,0 +1,333 @@
+"""Typed, validated experiment configuration: presets + variants + dotted overrides.
+
+`load_config("tiny", "bov", ["model.bank_layers=every_other"])` merges, in order,
+the scale preset `ablations/scales/<preset>.yaml`, the named variant
+`ablations/variants/<variant>.yaml` and the overrides, then validates the result
+into one `ExperimentConfig`. Every error is one line that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ABLATIONS_DIR = Path(os.environ.get("BOV_ABLATIONS_DIR", Path(__file__).resolve().parent.parent / "ablations"))
+
+BankRule = Literal[
+    "none", "last_third", "every_other", "second_half", "last_two_thirds", "all", "all_but_first"
+]
+BANK_RULES: tuple[str, ...] = BankRule.__args__  # type: ignore[attr-defined]
+GATE_CHANNELS = 12  # value-embedding gate reads x[..., :12] (modded-nanogpt / nanochat)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always reported as one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Section):
+    """Decoder shape plus the value-path design axes (names are what users type)."""
+
+    n_layers: int = Field(4, ge=1)
+    d_model: int = Field(64, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int = Field(2, ge=1)
+    head_dim: int = Field(16, ge=2)
+    vocab_size: int = Field(512, ge=2)
+    seq_len: int = Field(64, ge=1)
+    mlp: Literal["relu2", "swiglu"] = "relu2"
+    mlp_ratio: float = Field(4.0, gt=0)
+    rope_base: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
+    logit_softcap: float | None = Field(None, gt=0)
+    # Sliding windows as in the paper's 135M/780M ("SSSL"): the pattern repeats over
+    # layers, S = short window, L = full context; the last layer is always L.
+    window_pattern: str = Field("L", pattern=r"^[SL]+$")
+    short_window: int = Field(512, ge=1)
+
+    # --- value-path design axes -------------------------------------------------
+    bank_layers: Union[BankRule, list[int]] = "none"
+    value_source: Literal["bank", "x0", "v1"] = "bank"
+    value_mode: Literal["context_free", "mixed"] = "context_free"
+    value_coeff: Literal["fixed", "learned", "learned_per_head", "gate"] = "learned"
+    value_residual: Literal["off", "identity", "learned"] = "off"
+    bank_init: Literal["aligned", "normal", "uniform", "zeros"] = "aligned"
+    bank_init_std: float = Field(0.02, gt=0)
+    bank_sharing: Literal["per_layer", "shared"] = "per_layer"
+
+    @field_validator("bank_layers", mode="before")
+    @classmethod
+    def _bank_layers_kind(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in BANK_RULES:
+            raise ValueError(f"unknown level {v!r}; allowed: {', '.join(BANK_RULES)} or a list of layer indices")
+        if isinstance(v, (list, tuple)) and not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise ValueError("an explicit layer list must hold integers")
+        return list(v) if isinstance(v, tuple) else v
+
+    @field_validator("value_residual", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        from bov.plan import resolve_bank_layers  # plan depends on config, not the reverse at import
+
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
+        targets = resolve_bank_layers(self.bank_layers, self.n_layers)  # raises on bad lists
+        set_by_user = self.model_fields_set
+        defaults = {k: f.default for k, f in type(self).model_fields.items()}
+
+        def changed(key: str) -> bool:
+            return key in set_by_user and getattr(self, key) != defaults[key]
+
+        if not targets:
+            for key in ("value_source", "value_mode", "value_coeff", "bank_init", "bank_sharing"):
+                if changed(key):
+                    raise ValueError(f"model.{key} has no effect when model.bank_layers resolves to no layer")
+        if self.value_source != "bank":
+            for key in ("bank_init", "bank_sharing", "bank_init_std"):
+                if changed(key):
+                    raise ValueError(
+                        f"model.{key}={getattr(self, key)} needs model.value_source=bank "
+                        f"(got {self.value_source}: there is no table)"
+                    )
+        if self.value_coeff == "gate" and targets:
+            if self.value_mode != "mixed":
+                raise ValueError(
+                    "model.value_coeff=gate needs model.value_mode=mixed (a gate reads the residual stream, "
+                    "so a gated value is not context-free)"
+                )
+            if self.d_model < GATE_CHANNELS:
+                raise ValueError(f"model.value_coeff=gate needs model.d_model >= {GATE_CHANNELS}")
+        if self.value_residual != "off" and not [l for l in range(1, self.n_layers) if l not in targets]:
+            raise ValueError(
+                "model.value_residual acts on layers >= 1 that hold no bank, and "
+                f"model.bank_layers={self.bank_layers} leaves none"
+            )
+        if self.window_pattern != "L" and "S" in self.window_pattern and self.short_window >= self.seq_len:
+            raise ValueError(f"model.short_window ({self.short_window}) must be < model.seq_len ({self.seq_len})")
+        return self
+
+
+class DataConfig(_Section):
+    """Where text comes from and how it is tokenized (used by bov.data)."""
+
+    source: str = "stdlib"  # "stdlib" (embedded offline corpus), a path/glob, or a hub dataset id
+    hub_config: str | None = None
+    streaming: bool = False
+    text_field: str = "text"
+    doc_split: Literal["file", "blank_line"] = "file"
+    tokenizer: str | None = None  # tokenizer.json / directory; None trains a byte-level BPE
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    val_source: str | None = None  # a separate validation corpus; else a document-level split
+    max_docs: int | None = Field(None, ge=1)
+    num_proc: int = Field(2, ge=1)
+
+
+class TrainConfig(_Section):
+    """Optimization recipe and budget (used by bov.train)."""
+
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)  # sequences per device per micro-batch
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_flops: float | None = Field(None, gt=0)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr_matrix: float = Field(3e-3, gt=0)
+    lr_embedding: float = Field(3e-3, gt=0)
+    lr_unembedding: float = Field(3e-3, gt=0)
+    lr_bank: float = Field(3e-3, gt=0)
+    lr_scalar: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    bank_weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "wsd", "constant"] = "wsd"
+    warmup_steps: int = Field(40, ge=0)
+    decay_start: float = Field(0.65, ge=0, le=1)  # wsd: fraction of training before the decay
+    final_lr_frac: float = Field(0.05, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    compile: bool = False
+    val_every: int = Field(100, ge=1)
+    val_tokens: int = Field(65536, ge=1)
+    devices: Union[int, str] = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    peak_flops: float | None = Field(None, gt=0)  # the device's bf16 peak, for MFU
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        given = [k for k in ("max_steps", "max_tokens", "max_flops") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of train.max_steps, train.max_tokens, train.max_flops must be set "
+                f"(got {', '.join(given) or 'none'})"
+            )
+        return self
+
+
+class TrackingConfig(_Section):
+    """MLflow experiment naming and logging cadence."""
+
+    experiment: str = "bov"
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under the runs dir
+    run_name: str | None = None
+    log_every: int = Field(10, ge=1)
+    system_metrics: bool = True
+
+
+class ExperimentConfig(_Section):
+    """The single source of truth for one run."""
+
+    preset: str = "custom"
+    variant: str = "baseline"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig(max_steps=100)
+    tracking: TrackingConfig = TrackingConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, as MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        """Stable hash of everything that defines the run (names excluded)."""
+        d = self.model_dump(mode="json")
+        d.pop("tracking", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in (ABLATIONS_DIR / "scales").glob("*.yaml"))
+
+
+def list_variants() -> list[str]:
+    return sorted(p.stem for p in (ABLATIONS_DIR / "variants").glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    return data
+
+
+def _named_yaml(kind: str, name: str, choices: list[str]) -> dict[str, Any]:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"{kind} file not found: {path}")
+        return _read_yaml(path)
+    path = ABLATIONS_DIR / f"{kind}s" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind} {name!r}; available: {', '.join(choices)}")
+    return _read_yaml(path)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    """Unknown keys are the commonest typo; name the key and the valid ones."""
+    fields = model.model_fields
+    for k, v in data.items():
+        if k not in fields:
+            raise ConfigError(f"unknown key {prefix}{k}; valid keys: {', '.join(prefix + f for f in fields)}")
+        ann = fields[k].annotation
+        if isinstance(v, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(v, ann, f"{prefix}{k}.")
+
+
+def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """`["a.b=1"]` or `{"a.b": 1}` -> nested dict; string values parse as YAML scalars."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            k, v = item.split("=", 1)
+            items.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
+    nested: dict[str, Any] = {}
+    for key, value in items:
+        parts = key.split(".")
+        cur = nested
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        cur[parts[-1]] = value
+    return nested
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "literal[", "list[")))
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate(data: dict[str, Any]) -> ExperimentConfig:
+    """Dict -> ExperimentConfig, or ConfigError with one line naming the key."""
+    _check_keys(data, ExperimentConfig)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(
+    preset: str,
+    variant: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> ExperimentConfig:
+    """Scale preset + named variant + dotted overrides -> validated ExperimentConfig."""
+    data = _named_yaml("scale", preset, list_presets())
+    data.setdefault("preset", Path(preset).stem)
+    if variant is not None:
+        var = _named_yaml("variant", variant, list_variants())
+        data = _deep_merge(data, var)
+        data["variant"] = Path(variant).stem
+    data = _deep_merge(data, parse_overrides(overrides))
+    return validate(data)

@@ -1,0 +1,321 @@
+"""The decoder: RoPE, QK-norm, gain-free RMSNorm, GQA, relu^2/SwiGLU MLP, untied embeddings.
+
+Every value variant is the same forward pass. Each layer's attention builds its
+value as `v = a * (x_l W_V) + b * alt` following its `LayerPlan` (bov.plan), where
+`alt` is a bank row E_v[i], `x0 W_V`, or the first layer's value V_0.
+
+Weights are drawn in one fixed order that does not depend on the variant, so two
+variants built after the same `torch.manual_seed` share every common weight:
+comparisons across variants are paired at initialization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bov.config import GATE_CHANNELS, ModelConfig
+from bov.plan import LayerPlan, build_plan, num_banks
+
+
+def norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm without a learnable gain."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, max_len: int, base: float):
+        super().__init__()
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
+        self.register_buffer("cos", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, head_dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        inv = 1.0 / self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.cos.device) / self.head_dim)
+        ang = torch.outer(torch.arange(self.max_len, dtype=torch.float32, device=self.cos.device), inv)
+        self.cos.copy_(ang.cos())
+        self.sin.copy_(ang.sin())
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: [B, T, heads, dh]
+        T = x.size(1)
+        cos = self.cos[offset : offset + T, None, :].to(x.dtype)
+        sin = self.sin[offset : offset + T, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class ValueMix(nn.Module):
+    """v = a * own + b * alt, with fixed, learned (per layer or per KV head) or gated b."""
+
+    def __init__(self, plan: LayerPlan, n_kv_heads: int):
+        super().__init__()
+        self.plan = plan
+        a, b = plan.init
+        shape = (n_kv_heads, 1) if plan.coeff == "learned_per_head" else ()
+        self.gate = nn.Linear(GATE_CHANNELS, n_kv_heads, bias=False) if plan.coeff == "gate" else None
+        if plan.coeff in ("learned", "learned_per_head"):
+            self.a = nn.Parameter(torch.full(shape, a)) if plan.uses_own else None
+            self.b = nn.Parameter(torch.full(shape, b))
+        else:  # fixed constants; a gate fixes a = 1
+            self.register_buffer("a", torch.tensor(a) if plan.uses_own else None, persistent=False)
+            self.register_buffer("b", None if self.gate is not None else torch.tensor(b), persistent=False)
+
+    def reset(self) -> None:
+        a, b = self.plan.init
+        with torch.no_grad():
+            if self.a is not None:
+                self.a.fill_(a)
+            if self.b is not None:
+                self.b.fill_(b)
+
+    def forward(self, own: torch.Tensor | None, alt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:  # modded-nanogpt value-embedding gate, per KV head
+            b = 3 * torch.sigmoid(self.gate(x[..., :GATE_CHANNELS])).unsqueeze(-1)
+        else:
+            b = self.b
+        v = b * alt
+        return v if own is None else self.a * own + v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan, window: int | None):
+        super().__init__()
+        self.plan, self.window, self.eps = plan, window, cfg.norm_eps
+        self.n_heads, self.n_kv, self.dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False) if plan.has_v_proj else None  # BoV / v1 targets hold none
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d, bias=False)
+        self.mix = ValueMix(plan, cfg.n_kv_heads) if plan.source is not None else None
+
+    def value(self, x, ids, x0, v0, banks) -> torch.Tensor:
+        """The value this layer attends with, as its plan says. [B, T, H_kv, dh]"""
+        B, T, _ = x.shape
+        p = self.plan
+        own = self.v_proj(x) if p.uses_own else None
+        if p.source is None:
+            v = own
+        else:
+            if p.source == "bank":
+                alt = banks[p.bank](ids)
+            elif p.source == "x0":
+                alt = self.v_proj(x0)
+            elif v0 is not None:  # "v1": the first layer's value
+                alt = v0.flatten(-2)
+            else:  # "v1" at layer 0 is layer 0's own projection
+                alt = own if own is not None else self.v_proj(x)
+            v = self.mix(None if own is None else own.view(B, T, self.n_kv, self.dh),
+                         alt.view(B, T, self.n_kv, self.dh), x)
+        return v.view(B, T, self.n_kv, self.dh)
+
+    def forward(self, x, ids, x0, v0, banks, rope: Rotary):
+        B, T, _ = x.shape
+        q = rope(norm(self.q_proj(x).view(B, T, self.n_heads, self.dh), self.eps))
+        k = rope(norm(self.k_proj(x).view(B, T, self.n_kv, self.dh), self.eps))
+        v = self.value(x, ids, x0, v0, banks)
+        mask = None
+        if self.window is not None and self.window < T:  # sliding window: keys in (t - window, t]
+            i = torch.arange(T, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = round(cfg.mlp_ratio * cfg.d_model)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=False) if self.swiglu else None
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.relu(self.up(x)).square()
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan, window: int | None):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.attn = Attention(cfg, plan, window)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, ids, x0, v0, banks, rope):
+        a, v = self.attn(norm(x, self.eps), ids, x0, v0, banks, rope)
+        x = x + a
+        return x + self.mlp(norm(x, self.eps)), v
+
+
+def layer_windows(cfg: ModelConfig) -> list[int | None]:
+    """Attention window per layer from the repeating pattern; the last layer is full."""
+    pat = cfg.window_pattern
+    w = [cfg.short_window if pat[l % len(pat)] == "S" else None for l in range(cfg.n_layers)]
+    w[-1] = None
+    return w
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.plan = build_plan(cfg)
+        kv = cfg.n_kv_heads * cfg.head_dim
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.banks = nn.ModuleList(nn.Embedding(cfg.vocab_size, kv) for _ in range(num_banks(self.plan)))
+        self.blocks = nn.ModuleList(Block(cfg, p, w) for p, w in zip(self.plan, layer_windows(cfg)))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rope = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, vocab] (fp32)."""
+        eps = self.cfg.norm_eps
+        x = x0 = norm(self.wte(ids), eps)
+        v0 = None
+        for block in self.blocks:
+            x, v = block(x, ids, x0, v0, self.banks, self.rope)
+            v0 = v if v0 is None else v0
+        logits = self.lm_head(norm(x, eps)).float()
+        if self.cfg.logit_softcap is not None:
+            c = self.cfg.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Draw every weight from the global RNG in a variant-independent order.
+
+        Per layer the draws are q, k, v, o, MLP, whether or not the layer keeps W_V, so
+        the same seed gives every variant the same shared weights. A layer without W_V
+        still draws one: aligned bank init uses it (E_v[i] = RMSNorm(e_i) W_V), then it
+        is discarded. Variant-only parameters (non-aligned banks, gates) draw last.
+        """
+        cfg = self.cfg
+        dev = self.wte.weight.device
+        L = cfg.n_layers
+
+        def uniform(shape, fan_in, scale=1.0):  # std = scale / sqrt(fan_in)
+            bound = scale * math.sqrt(3.0 / fan_in)
+            return torch.empty(shape).uniform_(-bound, bound).to(dev)
+
+        d, kv, hd = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads * cfg.head_dim
+        self.wte.weight.copy_(torch.randn(cfg.vocab_size, d).to(dev))
+        self.lm_head.weight.copy_(uniform((cfg.vocab_size, d), d))
+        out_scale = 1.0 / math.sqrt(2 * L)  # residual-branch outputs, GPT-2 style
+        fresh_wv: dict[int, torch.Tensor] = {}
+        for l, block in enumerate(self.blocks):
+            att, mlp = block.attn, block.mlp
+            att.q_proj.weight.copy_(uniform((hd, d), d))
+            att.k_proj.weight.copy_(uniform((kv, d), d))
+            fresh_wv[l] = uniform((kv, d), d)
+            if att.v_proj is not None:
+                att.v_proj.weight.copy_(fresh_wv[l])
+            att.o_proj.weight.copy_(uniform((d, hd), hd, out_scale))
+            mlp.up.weight.copy_(uniform(mlp.up.weight.shape, d))
+            if mlp.gate is not None:
+                mlp.gate.weight.copy_(uniform(mlp.gate.weight.shape, d))
+            mlp.down.weight.copy_(uniform(mlp.down.weight.shape, mlp.down.in_features, out_scale))
+        x0_table = norm(self.wte.weight, cfg.norm_eps)
+        for b, table in enumerate(self.banks):
+            first = next(p.layer for p in self.plan if p.bank == b)  # shared: the first target's W_V
+            if cfg.bank_init == "aligned":
+                table.weight.copy_(x0_table @ fresh_wv[first].T)
+            elif cfg.bank_init == "normal":
+                table.weight.copy_((torch.randn(table.weight.shape) * cfg.bank_init_std).to(dev))
+            elif cfg.bank_init == "uniform":
+                table.weight.copy_(uniform(table.weight.shape, d))
+            else:
+                table.weight.zero_()
+        for block in self.blocks:
+            if block.attn.mix is not None:
+                block.attn.mix.reset()
+                if block.attn.mix.gate is not None:  # gate starts near 3*sigmoid(0) = 1.5
+                    block.attn.mix.gate.weight.copy_(torch.empty(block.attn.mix.gate.weight.shape).uniform_(0, 0.02).to(dev))
+        self.rope.reset()
+
+    # ------------------------------------------------------------------ accounting
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimizer group: matrices, embeddings, unembedding, banks, scalars."""
+        groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("matrix", "embedding", "unembedding", "bank", "scalar")}
+        for name, p in self.named_parameters():
+            if name.startswith("wte."):
+                groups["embedding"].append(p)
+            elif name.startswith("banks."):
+                groups["bank"].append(p)
+            elif name.startswith("lm_head."):
+                groups["unembedding"].append(p)
+            elif p.ndim >= 2 and ".mix." not in name:
+                groups["matrix"].append(p)
+            else:  # value coefficients and value-embedding gates
+                groups["scalar"].append(p)
+        return groups
+
+    def param_breakdown(self) -> dict[str, int]:
+        return {k: sum(p.numel() for p in ps) for k, ps in self.param_groups().items()}
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """All parameters; with exclude_embeddings, without the lookup tables (wte and banks).
+
+        The unembedding stays in: it is a matmul (the paper's tokens-per-parameter count).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            b = self.param_breakdown()
+            n -= b["embedding"] + b["bank"]
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward), attention included.
+
+        Matmuls as 2 * in * out per token; attention as 4 * H * d_h * keys per token
+        forward, counting min(window, T) keys per query (the paper's accounting). Bank
+        lookups and elementwise mixing cost no matmul FLOPs.
+        """
+        cfg = self.cfg
+        T = seq_len or cfg.seq_len
+        d, kv, hd = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads * cfg.head_dim
+        hidden = round(cfg.mlp_ratio * d)
+        mlp = (3 if cfg.mlp == "swiglu" else 2) * d * hidden
+        fwd = d * cfg.vocab_size  # unembedding
+        for p, w in zip(self.plan, layer_windows(cfg)):
+            fwd += d * hd + d * kv + p.v_matmuls * d * kv + hd * d + mlp
+            fwd += GATE_CHANNELS * cfg.n_kv_heads if p.coeff == "gate" and p.source is not None else 0
+            fwd += 2 * hd * min(w or T, T)  # q.k and attn.v
+        return 3 * 2 * fwd
+
+    def value_coefficients(self) -> dict[str, float]:
+        """Learned value coefficients by layer (for `coeff/...` metrics and Figure 2)."""
+        out: dict[str, float] = {}
+        for l, block in enumerate(self.blocks):
+            mix = block.attn.mix
+            if mix is None:
+                continue
+            for name in ("a", "b"):
+                t = getattr(mix, name)
+                if isinstance(t, nn.Parameter):
+                    if t.ndim == 0:
+                        out[f"coeff/layer{l:02d}/{name}"] = t.item()
+                    else:
+                        for h, val in enumerate(t.flatten().tolist()):
+                            out[f"coeff/layer{l:02d}/{name}_head{h}"] = val
+        return out
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> GPT:
+    """Construct on the meta device (no memory, no RNG use), then draw the weights."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device or "cpu")
+    model.init_weights()
+    return model

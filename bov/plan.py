@@ -1,0 +1,116 @@
+"""Resolve the value-path config axes, once, into a per-layer plan.
+
+Every layer's value is one formula,
+
+    v_l = a * own + b * alt
+
+where `own = x_l W_V^l` is the standard contextual value and `alt` is a
+context-free (or earlier-layer) source: a bank row `E_v[i]`, `x0 W_V^l`, or the
+first layer's value `V_0`. A layer's `LayerPlan` fixes which terms exist and how
+a, b are parameterized; the model's forward pass reads the plan and never the
+config axes. Standard attention is `own` alone, BoV is `b * E_v[i]` alone,
+ResFormer is `0.5 * own + 0.5 * V_0`, value embeddings are `own + gate(x) * E_v[i]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Sequence
+
+if TYPE_CHECKING:
+    from bov.config import ModelConfig
+
+Source = Literal["bank", "x0", "v1"]
+Coeff = Literal["fixed", "learned", "learned_per_head", "gate"]
+
+
+def resolve_bank_layers(rule: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """A `bank_layers` level -> sorted target layer indices (documented in README)."""
+    L = n_layers
+    if not isinstance(rule, str):
+        layers = list(rule)
+        bad = [i for i in layers if not 0 <= i < L]
+        if bad:
+            raise ValueError(f"model.bank_layers: layer {bad[0]} out of range 0..{L - 1}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"model.bank_layers: duplicate layer in {layers}")
+        if not layers:
+            raise ValueError("model.bank_layers: empty list; use none for no target layer")
+        return tuple(sorted(layers))
+    rules = {
+        "none": lambda l: False,
+        "last_third": lambda l: l >= (2 * L) // 3,
+        "every_other": lambda l: l % 2 == (L - 1) % 2,  # the last layer is always in
+        "second_half": lambda l: l >= L // 2,
+        "last_two_thirds": lambda l: l >= L // 3,
+        "all": lambda l: True,
+        "all_but_first": lambda l: l >= 1,
+    }
+    layers = tuple(l for l in range(L) if rules[rule](l))
+    if rule != "none" and not layers:
+        raise ValueError(f"model.bank_layers={rule} selects no layer of a {L}-layer model")
+    return layers
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer builds the value its attention reads: v = a * own + b * alt."""
+
+    layer: int
+    role: Literal["standard", "target", "residual"]
+    source: Source | None  # None: v = own
+    uses_own: bool  # the combination includes x_l W_V^l
+    has_v_proj: bool  # holds W_V: for its own value, to project x0, or as V_0 itself
+    coeff: Coeff
+    init: tuple[float, float]  # (a, b) at initialization; a unused when not uses_own
+    bank: int | None = None  # index into the model's bank tables
+
+    @property
+    def v_matmuls(self) -> int:
+        """How many times this layer applies W_V per token (mixed x0 applies it twice)."""
+        own = self.uses_own or (self.source == "v1" and self.layer == 0)
+        return int(own) + int(self.source == "x0")
+
+    def describe(self) -> str:
+        """The layer's value formula, e.g. `0.5*x_l W_V + 0.5*V_0` or `b*E_v[i] (table 0)`."""
+        if self.source is None:
+            return "x_l W_V"
+        a, b = self.init
+        fixed = self.coeff == "fixed"
+        alt = {"bank": "E_v[i]", "x0": "x0 W_V", "v1": "V_0"}[self.source]
+        alt_c = "gate(x)*" if self.coeff == "gate" else (f"{b:g}*" if fixed else "b*")
+        own_c = "" if self.coeff == "gate" else (f"{a:g}*" if fixed else "a*")
+        text = f"{alt_c}{alt}" + (f" (table {self.bank})" if self.bank is not None else "")
+        return f"{own_c}x_l W_V + {text}" if self.uses_own else text
+
+
+def build_plan(cfg: "ModelConfig") -> tuple[LayerPlan, ...]:
+    """Config axes -> one LayerPlan per layer. The only place the axes are interpreted."""
+    targets = resolve_bank_layers(cfg.bank_layers, cfg.n_layers)
+    plans = []
+    for l in range(cfg.n_layers):
+        if l in targets:
+            mixed = cfg.value_mode == "mixed"
+            if cfg.value_coeff == "fixed":
+                init = (0.5, 0.5) if mixed else (0.0, 1.0)
+            else:  # learned starts as the standard value (mixed) or as the source itself (replace)
+                init = (1.0, 0.0) if mixed else (0.0, 1.0)
+            if cfg.value_coeff == "gate":
+                init = (1.0, math.nan)  # b is 3*sigmoid(W_gate x[..., :12]), not a number
+            bank = None
+            if cfg.value_source == "bank":
+                bank = 0 if cfg.bank_sharing == "shared" else targets.index(l)
+            # V_0 is layer 0's own projection, so a v1 source at layer 0 keeps W_V there.
+            has_v = mixed or cfg.value_source == "x0" or (cfg.value_source == "v1" and l == 0)
+            plans.append(LayerPlan(l, "target", cfg.value_source, mixed, has_v, cfg.value_coeff, init, bank))
+        elif l >= 1 and cfg.value_residual != "off":
+            coeff: Coeff = "fixed" if cfg.value_residual == "identity" else "learned"
+            plans.append(LayerPlan(l, "residual", "v1", True, True, coeff, (0.5, 0.5)))
+        else:
+            plans.append(LayerPlan(l, "standard", None, True, True, "fixed", (1.0, 0.0)))
+    return tuple(plans)
+
+
+def num_banks(plan: Sequence[LayerPlan]) -> int:
+    return len({p.bank for p in plan if p.bank is not None})

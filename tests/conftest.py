@@ -1,0 +1,38 @@
+"""Shared fixtures: real corpora paths (skipped cleanly when absent) and model builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bov.config import load_config
+from bov.model import build_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+VARIANTS = [
+    "baseline", "bov", "bov_add", "x0_replace", "v1_replace",
+    "resformer", "resformer_learned", "svformer", "value_embed",
+]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(False)
+
+
+def make(variant: str | None = "baseline", preset: str = "micro", seed: int = 0, **overrides):
+    """Build a model for a preset/variant with dotted overrides, after torch.manual_seed(seed)."""
+    cfg = load_config(preset, variant, {k.replace("__", "."): v for k, v in overrides.items()})
+    torch.manual_seed(seed)
+    return build_model(cfg.model), cfg
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present on this machine")
+    return SHARED_DATA

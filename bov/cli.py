@@ -58,6 +58,39 @@ def describe(preset: str = PRESET, variant: str = VARIANT, set_: Optional[List[s
     typer.echo(f"training FLOPs/token at seq {m.seq_len}: {model.flops_per_token():.4e}")
 
 
+@app.command()
+def train(
+    preset: str = PRESET,
+    variant: str = VARIANT,
+    set_: Optional[List[str]] = SET,
+    resume: bool = typer.Option(False, "--resume", help="continue the same run from its last checkpoint"),
+    json_out: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
+) -> None:
+    """Train one variant to its budget, tracked in MLflow."""
+    import json
+
+    from bov.data import DataError, check_source
+
+    cfg = load_or_exit(preset, variant, set_)
+    try:
+        check_source(cfg.data)  # one line before any compute
+    except DataError as e:
+        fail(str(e))
+    from bov.train import Diverged, run_training
+
+    log = (lambda msg: typer.echo(msg, err=True)) if json_out else typer.echo
+    try:
+        summary = run_training(cfg, resume=resume, log=log)
+    except (Diverged, DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e), code=1)
+    if json_out:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"{summary['status']}: {cfg.preset}/{cfg.variant} val_bpb={summary['val_bpb']:.4f} "
+                   f"val_loss={summary['val_loss']:.4f} train_loss={summary['train_loss']:.4f} "
+                   f"tokens={summary['tokens']:,} run_id={summary['run_id']}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -163,6 +163,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     compile: bool = False
     val_every: int = Field(100, ge=1)
+    ckpt_every: int = Field(0, ge=0)  # steps between checkpoints; 0: at every validation
     val_tokens: int = Field(65536, ge=1)
     devices: Union[int, str] = 1
     strategy: str = "auto"

@@ -1,0 +1,426 @@
+"""Text -> byte-level BPE -> packed token streams (memmap) -> a LightningDataModule.
+
+Sources go through Hugging Face `datasets`: the embedded offline corpus `stdlib`
+(this interpreter's standard-library sources, one document per file, in sorted
+path order), local files (txt, jsonl, parquet; .gz/.xz; globs), or a hub dataset
+id. Train/validation split at document level by a hash of the text, so it is
+deterministic and disjoint. Tokens are packed into one flat uint16/uint32 file per
+split, cached under the runs directory by a content hash of (source, tokenizer,
+split settings); the cache is written atomically and verified by checksum, so a
+partial or corrupt cache is rebuilt, never used.
+
+Every stream keeps the exact UTF-8 byte count of each token id, so validation
+bits-per-byte is exact: bpb = sum(nats) / (ln 2 * sum(bytes of the predicted tokens)).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from bov.config import DataConfig, ExperimentConfig
+from bov.paths import cache_dir
+
+BOS = "<|bos|>"
+TOKENIZER_TRAIN_CHARS = 20_000_000  # BPE merges converge long before this on one corpus
+HASH_BUCKETS = 10_000
+
+
+class DataError(ValueError):
+    """A data problem (missing file, unreachable hub id, empty corpus), one line."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "test", "tests", "idlelib", "__pycache__")
+    return sorted(p for p in root.rglob("*.py") if not any(s in p.relative_to(root).parts for s in skip))
+
+
+def _local_files(source: str) -> list[Path]:
+    paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        raise DataError(f"data.source: no file matches {source!r}")
+    return paths
+
+
+def _kind(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s not in (".gz", ".xz", ".bz2", ".zst")]
+    ext = suffixes[-1] if suffixes else ""
+    return {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext, "text")
+
+
+FILE_SUFFIXES = (".txt", ".md", ".py", ".json", ".jsonl", ".parquet", ".gz", ".xz", ".bz2", ".zst")
+
+
+def is_local(source: str) -> bool:
+    """stdlib, a path or a glob; anything else (e.g. `org/name`) is a hub dataset id."""
+    return (source == "stdlib" or source.startswith(("/", ".", "~")) or any(c in source for c in "*?[")
+            or source.endswith(FILE_SUFFIXES) or Path(source).exists())
+
+
+def describe_source(source: str) -> dict:
+    """Cheap identity of a source for cache keys: paths, sizes, mtimes (no reading)."""
+    if source == "stdlib":
+        files = stdlib_files()
+        return {"source": "stdlib", "python": sys.version.split()[0],
+                "files": hashlib.sha256("".join(f"{p}:{p.stat().st_size}" for p in files).encode()).hexdigest()}
+    if is_local(source):
+        files = _local_files(source)
+        return {"source": [str(p.resolve()) for p in files],
+                "stat": [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+    return {"source": source}
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Fail in one line, before any compute, when a source cannot be read."""
+    for key, src in (("data.source", cfg.source), ("data.val_source", cfg.val_source)):
+        if src is None or src == "stdlib":
+            continue
+        if is_local(src):
+            try:
+                _local_files(src)
+            except DataError:
+                raise DataError(f"{key}: no file matches {src!r}") from None
+            continue
+        try:
+            from huggingface_hub import HfApi
+
+            HfApi().dataset_info(src, timeout=10)
+        except Exception as e:  # offline, unknown id, gated: all say the same thing to the user
+            raise DataError(f"{key}: hub dataset {src!r} is not reachable ({type(e).__name__})") from None
+
+
+def load_documents(source: str, cfg: DataConfig):
+    """A `datasets` Dataset (or IterableDataset when streaming) with one `text` column."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source == "stdlib":
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
+        ds = datasets.Dataset.from_dict({"text": texts})
+    elif is_local(source):
+        files = [str(p) for p in _local_files(source)]
+        kind = _kind(Path(files[0]))
+        kwargs = {"sample_by": "document" if cfg.doc_split == "file" else "paragraph"} if kind == "text" else {}
+        ds = datasets.load_dataset(kind, data_files=files, split="train", **kwargs)
+    else:
+        ds = datasets.load_dataset(source, cfg.hub_config, split="train", streaming=cfg.streaming)
+    field = cfg.text_field if source != "stdlib" and _kind(Path(source)) != "text" else "text"
+    if field not in (ds.column_names or [field]):
+        raise DataError(f"data.text_field: {source!r} has no column {field!r} (columns: {', '.join(ds.column_names)})")
+    if field != "text":
+        ds = ds.rename_column(field, "text")
+    keep = ["text"]
+    ds = ds.remove_columns([c for c in (ds.column_names or []) if c not in keep])
+    if cfg.max_docs is not None:
+        ds = ds.take(cfg.max_docs) if not isinstance(ds, datasets.Dataset) else ds.select(range(min(cfg.max_docs, len(ds))))
+    return ds
+
+
+def doc_bucket(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "replace")).digest()[:8], "little") % HASH_BUCKETS
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte <-> printable-character map of byte-level BPE (GPT-2's convention)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def token_byte_lengths(tok) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens)."""
+    inv = {c: b for b, c in _bytes_to_unicode().items()}
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    out = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for piece, idx in tok.get_vocab().items():
+        if piece in special:
+            continue
+        if all(ch in inv for ch in piece):
+            out[idx] = len(piece)  # each character is one byte
+        else:  # not byte-level (a loaded tokenizer): count its decoded text
+            out[idx] = len(tok.decode([idx]).encode("utf-8"))
+    return out
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def get_tokenizer(cfg: ExperimentConfig, train_docs, fingerprint: str):
+    """Load the configured tokenizer, or train (and cache) a byte-level BPE."""
+    from tokenizers import Tokenizer
+
+    vocab = cfg.model.vocab_size
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if not path.is_file():
+            raise DataError(f"data.tokenizer: file not found: {path}")
+        tok = Tokenizer.from_file(str(path))
+        if tok.get_vocab_size() > vocab:
+            raise DataError(f"data.tokenizer: {path} has {tok.get_vocab_size()} tokens > model.vocab_size {vocab}")
+        return tok, path
+    path = cache_dir("tokenizers") / f"bpe-{fingerprint}-{vocab}.json"
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path)), path
+        except Exception:
+            path.unlink()  # corrupt: rebuild below
+
+    def texts():
+        budget = TOKENIZER_TRAIN_CHARS
+        for t in train_docs:
+            yield t
+            budget -= len(t)
+            if budget <= 0:
+                return
+
+    tok = train_tokenizer(texts(), vocab)
+    _atomic_write_text(path, tok.to_str())
+    return tok, path
+
+
+# ----------------------------------------------------------------------------- packed streams
+
+
+@dataclass
+class TokenStream:
+    """One packed split: a flat token memmap plus its byte count."""
+
+    path: Path
+    n_tokens: int
+    n_bytes: int
+    n_docs: int
+    dtype: str
+
+    def array(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_cached(bin_path: Path) -> TokenStream | None:
+    meta_path = bin_path.with_suffix(".json")
+    if not (bin_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        if bin_path.stat().st_size != meta["n_tokens"] * itemsize or _sha256_file(bin_path) != meta["sha256"]:
+            return None
+        return TokenStream(bin_path, meta["n_tokens"], meta["n_bytes"], meta["n_docs"], meta["dtype"])
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def _pack(docs, tok, bos_id: int, bin_path: Path, num_proc: int, max_tokens: int | None) -> TokenStream:
+    """Tokenize with batched (multi-process) map and append to a flat file, atomically."""
+    import datasets
+
+    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+
+    def encode(batch):
+        enc = tok.encode_batch(batch["text"], add_special_tokens=False)
+        return {"ids": [[bos_id] + e.ids for e in enc], "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
+
+    if isinstance(docs, datasets.Dataset):
+        nproc = num_proc if len(docs) >= 64 * num_proc else None
+        enc = docs.map(encode, batched=True, batch_size=256, num_proc=nproc, remove_columns=["text"])
+    else:  # streaming: no num_proc; stop at the token budget
+        enc = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"])
+    tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
+    n_tokens = n_bytes = n_docs = 0
+    with open(tmp, "wb") as f:
+        for row in enc:
+            f.write(np.asarray(row["ids"], dtype=dtype).tobytes())
+            n_tokens += len(row["ids"])
+            n_bytes += row["n_bytes"]
+            n_docs += 1
+            if max_tokens is not None and n_tokens >= max_tokens:
+                break
+    if n_tokens < 2:
+        tmp.unlink()
+        raise DataError(f"data.source: split {bin_path.stem!r} is empty after tokenization")
+    meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_docs": n_docs, "dtype": np.dtype(dtype).name,
+            "sha256": _sha256_file(tmp)}
+    os.replace(tmp, bin_path)  # data first, then the meta that vouches for it
+    _atomic_write_text(bin_path.with_suffix(".json"), json.dumps(meta))
+    return TokenStream(bin_path, n_tokens, n_bytes, n_docs, meta["dtype"])
+
+
+@dataclass
+class PreparedData:
+    train: TokenStream
+    val: TokenStream
+    token_bytes: np.ndarray  # bytes per token id
+    tokenizer_path: Path
+    fingerprint: str  # identifies (source, tokenizer, split settings)
+    bos_id: int
+
+
+def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) -> PreparedData:
+    """Build (or reuse) the tokenizer and the packed train/val streams for a config."""
+    d = cfg.data
+    check_source(d)
+    split_key = {"val_fraction": d.val_fraction, "val_source": d.val_source, "doc_split": d.doc_split,
+                 "text_field": d.text_field, "max_docs": d.max_docs, "hub_config": d.hub_config}
+    src_id = json.dumps({"train": describe_source(d.source), "val": d.val_source and describe_source(d.val_source),
+                         **split_key}, sort_keys=True)
+    corpus_fp = hashlib.sha256(src_id.encode()).hexdigest()[:16]
+
+    docs = load_documents(d.source, d)
+    streaming = not hasattr(docs, "__len__")
+    if d.val_source is None:
+        cut = round(d.val_fraction * HASH_BUCKETS)
+        val_docs = docs.filter(lambda t: doc_bucket(t) < cut, input_columns="text")
+        train_docs = docs.filter(lambda t: doc_bucket(t) >= cut, input_columns="text")
+    else:
+        train_docs, val_docs = docs, load_documents(d.val_source, d)
+
+    tok, tok_path = get_tokenizer(cfg, (r["text"] for r in train_docs), corpus_fp)
+    bos_id = tok.token_to_id(BOS)
+    if bos_id is None:
+        bos_id = tok.get_vocab_size() - 1 if cfg.data.tokenizer else 0
+    tok_hash = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(f"{corpus_fp}:{tok_hash}".encode()).hexdigest()[:16]
+    root = cache_dir("tokens") / fingerprint
+    root.mkdir(parents=True, exist_ok=True)
+    streams = {}
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        path = root / f"{split}.bin"
+        stream = _load_cached(path)
+        if stream is None:
+            log(f"tokenizing {split} split of {d.source} -> {path}")
+            limit = stream_tokens if streaming and split == "train" else (cfg.train.val_tokens * 2 if streaming else None)
+            stream = _pack(split_docs, tok, bos_id, path, d.num_proc, limit)
+        streams[split] = stream
+    return PreparedData(streams["train"], streams["val"], token_byte_lengths(tok), tok_path, fingerprint, bos_id)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class TrainWindows(torch.utils.data.IterableDataset):
+    """Endless random windows of seq_len + 1 tokens; sample k is a pure function of (seed, k).
+
+    Epoch e visits every non-overlapping window once in a seed-and-e permutation, so
+    the batch at any step is known without replaying the ones before it: resuming at
+    step s starts at sample s * batch * accum * world, and ranks take disjoint slices.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int, start: int, rank: int, world: int, batch: int):
+        super().__init__()
+        self.stream, self.T, self.seed = stream, seq_len, seed
+        self.start, self.rank, self.world, self.batch = start, rank, world, batch
+        self.n_windows = (stream.n_tokens - 1) // seq_len
+        if self.n_windows < 1:
+            raise DataError(f"data.source: {stream.n_tokens} training tokens is fewer than one window of {seq_len + 1}")
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def window(self, k: int) -> int:
+        epoch, i = divmod(k, self.n_windows)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n_windows, generator=g))
+        return int(self._perm[1][i])
+
+    def __iter__(self):
+        data = self.stream.array()
+        step = self.start
+        while True:  # one global micro-batch = world * batch samples; this rank takes its slice
+            base = step * self.world * self.batch + self.rank * self.batch
+            for j in range(self.batch):
+                w = self.window(base + j)
+                chunk = torch.from_numpy(data[w * self.T : w * self.T + self.T + 1].astype(np.int64))
+                yield chunk[:-1], chunk[1:]
+            step += 1
+
+
+class ValWindows(torch.utils.data.Dataset):
+    """The first `max_tokens` of the validation stream as consecutive windows, fixed."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, max_tokens: int):
+        self.stream, self.T = stream, seq_len
+        self.n = max(1, min(max_tokens, stream.n_tokens - 1) // seq_len)
+        if stream.n_tokens - 1 < seq_len:
+            raise DataError(f"validation split has {stream.n_tokens} tokens, fewer than one window of {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        chunk = torch.from_numpy(self.stream.array()[i * self.T : i * self.T + self.T + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class TokenDataModule(pl.LightningDataModule):
+    """Train/val loaders over prepared streams; the train position follows trainer.global_step."""
+
+    def __init__(self, cfg: ExperimentConfig, data: PreparedData):
+        super().__init__()
+        self.cfg, self.data = cfg, data
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        step = self.trainer.global_step if self.trainer is not None else 0  # restored before loaders on resume
+        ds = TrainWindows(self.data.train, self.cfg.model.seq_len, self.cfg.train.seed,
+                          step * self.cfg.train.grad_accum, rank, world, self.cfg.train.batch_size)
+        return torch.utils.data.DataLoader(ds, batch_size=self.cfg.train.batch_size, num_workers=0)
+
+    def val_dataloader(self):
+        rank, world = self._rank_world()
+        ds = ValWindows(self.data.val, self.cfg.model.seq_len, self.cfg.train.val_tokens)
+        # every window exactly once across ranks (no padding), so summed nats/bytes stay exact
+        shard = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+        return torch.utils.data.DataLoader(shard, batch_size=self.cfg.train.batch_size)

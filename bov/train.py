@@ -1,0 +1,373 @@
+"""Train one variant: LightningModule, optimizers, schedule, budget, MLflow run, resume.
+
+`run_training(cfg, resume=...)` is what `bov train` and every sweep trial call.
+The budget is exactly one of steps, tokens or FLOPs; with FLOPs, the token count
+is max_flops / flops_per_token(variant), so cheaper variants see more tokens at
+equal compute. Checkpoints live in a fixed per-run directory under the runs dir,
+so `--resume` finds them from the same command line and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from bov.config import ExperimentConfig
+from bov.data import PreparedData, TokenDataModule, prepare
+from bov.model import build_model
+from bov.paths import runs_dir, tracking_uri
+
+
+# Checkpoints are taken after the optimizer step on purpose (state == global_step); the
+# warning about "pre-optimization state" is noise here.
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int
+    tokens_per_step: int
+    flops_per_token: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def flops(self) -> float:
+        return float(self.tokens) * self.flops_per_token
+
+
+def plan_budget(cfg: ExperimentConfig, flops_per_token: int, world: int = 1) -> Budget:
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * world
+    if t.max_steps is not None:
+        steps = t.max_steps
+    elif t.max_tokens is not None:
+        steps = t.max_tokens // per_step
+    else:
+        steps = int(t.max_flops / flops_per_token) // per_step
+    if steps < 1:
+        raise ValueError(f"train budget gives {steps} steps at {per_step} tokens per step; raise the budget")
+    return Budget(steps, per_step, flops_per_token)
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Multiplier on every group's LR: linear warmup, then constant / cosine / warmup-stable-decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    start = cfg.decay_start * total  # wsd: flat, then linear decay to final_lr_frac
+    if step < start:
+        return 1.0
+    p = (step - start) / max(1.0, total - start)
+    return 1.0 - (1.0 - cfg.final_lr_frac) * min(1.0, p)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class LitBoV(pl.LightningModule):
+    """Any variant. Manual optimization so Muon (matrices) and AdamW (the rest) step together."""
+
+    def __init__(self, cfg: ExperimentConfig, budget: Budget, token_bytes: torch.Tensor):
+        super().__init__()
+        self.cfg, self.budget = cfg, budget
+        self.automatic_optimization = False
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model)
+        self.register_buffer("token_bytes", token_bytes, persistent=False)
+        self._t_last: float | None = None
+        self._tokens_timed = 0
+        self._time_timed = 0.0
+        self._accum_loss: torch.Tensor | float = 0.0
+        self._last_loss: torch.Tensor | None = None
+
+    def forward(self, ids):
+        return self.model(ids)
+
+    # -- optimizers
+    def configure_optimizers(self):
+        t = self.cfg.train
+        groups = self.model.param_groups()
+        lr = {"matrix": t.lr_matrix, "embedding": t.lr_embedding, "unembedding": t.lr_unembedding,
+              "bank": t.lr_bank, "scalar": t.lr_scalar}
+        wd = {"matrix": t.weight_decay, "embedding": 0.0, "unembedding": 0.0, "bank": t.bank_weight_decay, "scalar": 0.0}
+        adam_groups = [{"params": ps, "lr": lr[k], "weight_decay": wd[k], "name": k}
+                       for k, ps in groups.items() if ps and not (k == "matrix" and t.optimizer == "muon")]
+        fused = torch.cuda.is_available()
+        opts = [torch.optim.AdamW(adam_groups, betas=t.betas, eps=1e-10, fused=fused)]
+        if t.optimizer == "muon":
+            muon = torch.optim.Muon(groups["matrix"], lr=t.lr_matrix, weight_decay=t.weight_decay,
+                                    adjust_lr_fn="match_rms_adamw")
+            muon.param_groups[0]["name"] = "matrix"
+            opts.insert(0, muon)
+        for o in opts:
+            for g in o.param_groups:
+                g["base_lr"] = g["lr"]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, self.budget.steps, t)) for o in opts]
+        return opts, scheds
+
+    # -- training
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        scheds = self.lr_schedulers()
+        scheds = scheds if isinstance(scheds, list) else [scheds]
+        accum = self.cfg.train.grad_accum
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        self.manual_backward(loss / accum)
+        self._accum_loss = self._accum_loss + loss.detach() / accum  # stays on device: no sync per step
+        if (batch_idx + 1) % accum:
+            return
+        if self.cfg.train.grad_clip is not None:
+            for o in opts:
+                self.clip_gradients(o, gradient_clip_val=self.cfg.train.grad_clip, gradient_clip_algorithm="norm")
+        # Lightning counts global_step per LightningOptimizer.step(); step the first through it
+        # and the others (AdamW beside Muon) directly, so one training step is one global step.
+        opts[0].step()
+        for o in opts[1:]:
+            o.optimizer.step()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        for s in scheds:
+            s.step()
+        self._last_loss, self._accum_loss = self._accum_loss, 0.0
+        self._log_step(opts)
+
+    @property
+    def last_train_loss(self) -> float:
+        return float(self._last_loss) if self._last_loss is not None else float("nan")
+
+    def _log_step(self, opts) -> None:
+        step = self.global_step  # already advanced by the optimizer steps
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self._time_timed += now - self._t_last
+            self._tokens_timed += self.budget.tokens_per_step
+        self._t_last = now
+        if step % self.cfg.tracking.log_every and step != self.budget.steps:
+            return
+        if not math.isfinite(self.last_train_loss):  # checked at the logging cadence (a sync on GPU)
+            raise Diverged(f"train loss is {self.last_train_loss} at step {step}; stopping (lower the LR?)")
+        tokens = step * self.budget.tokens_per_step
+        m: dict[str, float] = {"train/loss": self.last_train_loss, "tokens": float(tokens),
+                               "flops": float(tokens) * self.budget.flops_per_token}
+        for o in opts:
+            for g in o.param_groups:
+                m[f"lr/{g['name']}"] = g["lr"]
+        if self._time_timed > 0:
+            tps = self._tokens_timed / self._time_timed
+            m["throughput/tokens_per_s"] = tps
+            if self.cfg.train.peak_flops:
+                m["throughput/mfu"] = tps * self.budget.flops_per_token / (self.cfg.train.peak_flops * self.trainer.world_size)
+        if torch.cuda.is_available():
+            m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        m.update(self.model.value_coefficients())
+        self._log(m)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        # straight to the logger: Lightning's self.log steps by batches, MLflow should step by optimizer steps
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics(metrics, step=self.global_step)
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        self._t_last = None  # do not count validation time as training throughput
+
+    # -- validation: exact sums of nats and bytes, reduced across ranks
+    def on_validation_epoch_start(self):
+        self._val = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, bytes, tokens
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x)
+        nats = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), reduction="sum")
+        self._val += torch.stack([nats.double(), self.token_bytes[y].sum().double(),
+                                  torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device)])
+
+    def on_validation_epoch_end(self):
+        total = self.trainer.strategy.reduce(self._val, reduce_op="sum")
+        nats, nbytes, ntok = total.tolist()
+        self.val_metrics = {"val/loss": nats / ntok, "val/bpb": nats / (math.log(2) * nbytes)}
+        self._log(self.val_metrics)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_key(cfg: ExperimentConfig) -> str:
+    return f"{cfg.preset}-{cfg.variant}-{cfg.config_hash()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _precision(cfg: ExperimentConfig) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    resume: bool = False,
+    data: PreparedData | None = None,
+    extra_tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    callbacks: list | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Train cfg to its budget; returns the summary dict (also written as final_metrics.json)."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    data = data or prepare(cfg, log=log)
+    run_dir = runs_dir() / "train" / run_key(cfg)
+    state_path = run_dir / "run.json"
+    ckpt = run_dir / "last.ckpt"
+    is_zero = rank_zero_only.rank == 0
+    if resume and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+    if not resume and is_zero and run_dir.exists():
+        for old in run_dir.glob("*.ckpt"):
+            old.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    world = (cfg.train.devices if isinstance(cfg.train.devices, int) else 1) * cfg.train.num_nodes
+    with torch.device("meta"):
+        from bov.model import GPT
+
+        shape = GPT(cfg.model)
+    budget = plan_budget(cfg, shape.flops_per_token(cfg.model.seq_len), world)
+    params = shape.param_breakdown()
+    del shape
+
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    run_id = None
+    if is_zero:
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.set_experiment(cfg.tracking.experiment)
+        if resume and state_path.is_file():
+            run_id = json.loads(state_path.read_text())["run_id"]
+        tags = {"variant": cfg.variant, "preset": cfg.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),
+                "config_hash": cfg.config_hash(), "data_fingerprint": data.fingerprint, **(extra_tags or {})}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if run_id is None:
+            run = mlflow.MlflowClient(uri).create_run(exp.experiment_id, tags=tags,
+                                                      run_name=cfg.tracking.run_name or run_key(cfg))
+            run_id = run.info.run_id
+            state_path.write_text(json.dumps({"run_id": run_id}))
+            client = mlflow.MlflowClient(uri)
+            flat = {k: str(v) for k, v in cfg.flat().items()}
+            flat.update({f"budget.{k}": str(v) for k, v in
+                         {"steps": budget.steps, "tokens": budget.tokens, "flops_per_token": budget.flops_per_token}.items()})
+            flat.update({f"params.{k}": str(v) for k, v in params.items()})
+            flat["data.train_tokens"] = str(data.train.n_tokens)
+            from mlflow.entities import Param
+
+            items = [Param(k, v[:6000]) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[i : i + 100])
+            client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+        else:
+            mlflow.MlflowClient(uri).update_run(run_id, status="RUNNING")
+        log(f"mlflow run {run_id} ({uri})")
+
+    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id) if is_zero else False
+    ckpt_cb = ModelCheckpoint(dirpath=run_dir, filename="step{step:06d}", save_last=True, save_top_k=0,
+                              every_n_train_steps=cfg.train.ckpt_every or cfg.train.val_every,
+                              auto_insert_metric_name=False)
+    accel = "gpu" if torch.cuda.is_available() else "cpu"
+    trainer = pl.Trainer(
+        accelerator=accel, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes, strategy=cfg.train.strategy,
+        precision=_precision(cfg), max_steps=budget.steps,
+        max_epochs=-1, val_check_interval=cfg.train.val_every * cfg.train.grad_accum, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, logger=logger, callbacks=[ckpt_cb, *(callbacks or [])],
+        enable_progress_bar=is_zero and os.environ.get("BOV_PROGRESS", "1") == "1", enable_model_summary=False,
+        use_distributed_sampler=False, log_every_n_steps=1, deterministic=False,
+        default_root_dir=str(run_dir),
+    )
+    module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes))
+    if cfg.train.compile:
+        module.model = torch.compile(module.model)
+    dm = TokenDataModule(cfg, data)
+    system = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.tracking.system_metrics) if is_zero else None
+    status, error = "FAILED", None
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None)
+        if trainer.interrupted:
+            status, error = "KILLED", "interrupted"
+        else:
+            if getattr(module, "val_metrics", None) is None or trainer.global_step % cfg.train.val_every:
+                trainer.validate(module, datamodule=dm, verbose=False)
+            status = "FINISHED"
+    except BaseException as e:  # Lightning turns Ctrl-C into SystemExit after a graceful stop
+        killed = isinstance(e, KeyboardInterrupt) or trainer.interrupted and isinstance(e, SystemExit)
+        status = "KILLED" if killed else "FAILED"
+        error = "interrupted" if killed else (str(e) if isinstance(e, Diverged) else f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        summary = _summary(cfg, module, budget, params, data, run_id, status, error, trainer.global_step)
+        if is_zero:
+            (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+            client = mlflow.MlflowClient(uri)
+            if error:
+                client.set_tag(run_id, "error", error[:5000])
+            client.log_dict(run_id, summary, "final_metrics.json")
+            if system is not None:
+                mlflow.end_run(status=status)
+            client.set_terminated(run_id, status=status)
+        (run_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"final_loss": summary["train_loss"], "param_sum": summary["param_checksum"]}))
+    return summary
+
+
+def _summary(cfg, module, budget, params, data, run_id, status, error, steps) -> dict[str, Any]:
+    val = getattr(module, "val_metrics", None) or {}
+    tokens = steps * budget.tokens_per_step
+    tps = module._tokens_timed / module._time_timed if module._time_timed else None
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() for p in module.model.parameters()))
+    return {
+        "run_id": run_id, "variant": cfg.variant, "preset": cfg.preset, "seed": cfg.train.seed, "status": status,
+        "error": error, "steps": steps, "val_bpb": val.get("val/bpb"), "val_loss": val.get("val/loss"),
+        "train_loss": module.last_train_loss, "tokens": tokens, "flops": float(tokens) * budget.flops_per_token,
+        "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
+        "tokens_per_s": tps, "train_tokens_available": data.train.n_tokens,
+        "epochs": tokens / max(1, data.train.n_tokens), "param_checksum": checksum,
+    }

@@ -1,0 +1,150 @@
+"""Training: budgets, schedule, MLflow tracking, exact resume after SIGKILL, failures, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from bov.config import load_config
+from bov.model import build_model
+from bov.train import lr_factor, plan_budget, run_training
+
+BOV = [sys.executable, "-m", "bov.cli"]
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("BOV_PROGRESS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "runs"
+
+
+def env_with(runs_dir: Path) -> dict:
+    env = dict(os.environ, BOV_RUNS_DIR=str(runs_dir), BOV_PROGRESS="0")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def test_flops_budget_gives_cheaper_variants_more_tokens():
+    over = {"train.max_steps": None, "train.max_flops": 3e12}
+    base = load_config("micro", "baseline", over)
+    bov = load_config("micro", "bov", over)
+    fb, fv = build_model(base.model).flops_per_token(), build_model(bov.model).flops_per_token()
+    b1, b2 = plan_budget(base, fb), plan_budget(bov, fv)
+    assert b2.tokens > b1.tokens and b1.flops <= 3e12 and b2.flops <= 3e12
+    assert b1.steps == int(3e12 / fb) // (4 * 64)
+    tok = plan_budget(load_config("micro", "bov", {"train.max_steps": None, "train.max_tokens": 2560}), fv)
+    assert tok.steps == 10
+
+
+def test_wsd_schedule_shape():
+    t = load_config("micro", "bov", {"train.warmup_steps": 10, "train.decay_start": 0.65, "train.final_lr_frac": 0.05}).train
+    f = [lr_factor(s, 100, t) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[64] == 1.0
+    assert f[99] == pytest.approx(1 - 0.95 * 34 / 35) and all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_train_logs_everything_to_mlflow(runs):
+    cfg = load_config("micro", "bov_add", {"train.max_steps": 20, "tracking.log_every": 5})
+    s = run_training(cfg, log=lambda m: None)
+    assert s["status"] == "FINISHED" and s["steps"] == 20 and s["tokens"] == 20 * 4 * 64
+    assert 0 < s["val_bpb"] < 10 and s["val_loss"] > 0
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    run = client.get_run(s["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant"] == "bov_add" and run.data.tags["preset"] == "micro"
+    assert {"git_commit", "config_hash", "data_fingerprint", "seed"} <= set(run.data.tags)
+    assert run.data.params["model.bank_layers"] == "last_third"
+    m = run.data.metrics
+    for key in ("train/loss", "val/loss", "val/bpb", "lr/matrix", "lr/bank", "lr/scalar", "tokens", "flops",
+                "throughput/tokens_per_s", "coeff/layer02/a", "coeff/layer03/b"):
+        assert key in m, key
+    hist = client.get_metric_history(s["run_id"], "train/loss")
+    assert [h.step for h in hist] == [5, 10, 15, 20]
+    arts = {a.path for a in client.list_artifacts(s["run_id"])}
+    assert {"config.yaml", "final_metrics.json"} <= arts
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    args = ["train", "-p", "micro", "-v", "bov", "--set", "train.max_steps=60", "--set", "train.ckpt_every=30",
+            "--set", "train.val_every=30", "--json"]
+    straight = subprocess.run(BOV + args, env=env_with(tmp_path / "a"), capture_output=True, text=True, check=True)
+    ref = json.loads(straight.stdout.strip().splitlines()[-1])
+
+    runs = tmp_path / "b"
+    proc = subprocess.Popen(BOV + args, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (found := list(runs.glob("train/*/last.ckpt"))):  # first written at step 30, atomically
+        assert proc.poll() is None, "training ended before the first checkpoint"
+        assert time.time() - t0 < 180
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    run_dir = found[0].parent
+    assert not (run_dir / "final_metrics.json").exists()  # killed mid-run
+    killed_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    assert client.get_run(killed_id).info.status == "RUNNING"  # what SIGKILL leaves; resume repairs it
+
+    resumed = subprocess.run(BOV + args + ["--resume"], env=env_with(runs), capture_output=True, text=True, check=True)
+    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert out["run_id"] == killed_id and out["status"] == "FINISHED" and out["steps"] == 60
+    assert abs(out["train_loss"] - ref["train_loss"]) < 1e-6
+    assert abs(out["val_loss"] - ref["val_loss"]) < 1e-6
+    assert client.get_run(killed_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("bov").experiment_id])) == 1
+
+
+def test_divergence_fails_cleanly(runs):
+    cfg = load_config("micro", "baseline", {"train.max_steps": 30, "train.lr_matrix": 1e30, "train.lr_unembedding": 1e30,
+                                            "train.lr_embedding": 1e30, "train.grad_clip": None, "tracking.log_every": 1,
+                                            "train.optimizer": "adamw", "train.warmup_steps": 0})
+    from bov.train import Diverged
+
+    with pytest.raises(Diverged, match="train loss is nan"):
+        run_training(cfg, log=lambda m: None)
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])
+    assert run.info.status == "FAILED" and "train loss is nan" in run.data.tags["error"]
+
+
+def test_cli_bad_input_one_line(tmp_path):
+    env = env_with(tmp_path)
+    r = subprocess.run(BOV + ["train", "-p", "micro", "--set", "data.source=/no/such/file.jsonl"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: data.source: no file matches '/no/such/file.jsonl'"
+    r = subprocess.run(BOV + ["train", "-p", "micro", "--set", "model.bank_layers=last_quarter"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model.bank_layers: unknown level" in r.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_muon_recipe_trains(runs):
+    cfg = load_config("micro", "bov", {"train.max_steps": 10, "train.optimizer": "muon", "train.lr_matrix": 0.02,
+                                       "train.grad_accum": 2})
+    s = run_training(cfg, log=lambda m: None)
+    assert s["status"] == "FINISHED" and s["steps"] == 10 and s["tokens"] == 10 * 2 * 4 * 64
+
+
+def test_ddp_two_processes_agree(tmp_path):
+    runs = tmp_path / "ddp"
+    r = subprocess.run(BOV + ["train", "-p", "micro", "-v", "bov", "--set", "train.max_steps=6", "--set", "train.devices=2",
+                              "--set", "train.strategy=ddp", "--set", "train.val_every=6", "--json"],
+                       env=env_with(runs), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (runs / "train").iterdir()
+    r0 = json.loads((run_dir / "rank0.json").read_text())
+    r1 = json.loads((run_dir / "rank1.json").read_text())
+    assert r0["param_sum"] == r1["param_sum"]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["tokens"] == 6 * 2 * 4 * 64  # two ranks, each 4 x 64 per step

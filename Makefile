@@ -9,7 +9,10 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 PRESET  ?= tiny
 VARIANT ?= bov
 
-.PHONY: install test test-slow describe clean
+RUNS  ?= $(or $(BOV_RUNS_DIR),runs)
+STEPS ?= 30
+
+.PHONY: install test test-slow describe train ui bench clean
 
 install: $(STAMP)
 
@@ -30,6 +33,18 @@ test-slow: $(STAMP)
 ## Print the resolved per-layer value plan, parameters and FLOPs of a preset/variant.
 describe: $(STAMP)
 	$(VENV)/bin/bov describe --preset $(PRESET) --variant $(VARIANT)
+
+## Train one variant on the embedded corpus (tiny: about 6 minutes on 2 CPU cores).
+train: $(STAMP)
+	$(VENV)/bin/bov train --preset $(PRESET) --variant $(VARIANT)
+
+## MLflow UI on the embedded store (http://127.0.0.1:5000).
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(RUNS))/mlflow.db} --host 127.0.0.1 --port 5000
+
+## Training throughput per variant; writes results/bench/.
+bench: $(STAMP)
+	$(VENV)/bin/bov bench-train --preset $(PRESET) --steps $(STEPS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

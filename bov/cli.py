@@ -89,6 +89,25 @@ def train(
         typer.echo(f"{summary['status']}: {cfg.preset}/{cfg.variant} val_bpb={summary['val_bpb']:.4f} "
                    f"val_loss={summary['val_loss']:.4f} train_loss={summary['train_loss']:.4f} "
                    f"tokens={summary['tokens']:,} run_id={summary['run_id']}")
+        typer.echo(f"unigram baseline on the same validation text: {summary['unigram_bpb']:.4f} bits/byte")
+
+
+@app.command("bench-train")
+def bench_train_cmd(
+    preset: str = PRESET,
+    variants: str = typer.Option(",".join(["baseline", "bov", "bov_add", "x0_replace", "v1_replace", "resformer",
+                                            "resformer_learned", "svformer", "value_embed", "depth_attention",
+                                            "neutreno", "denseformer"]), help="comma-separated"),
+    steps: int = typer.Option(30, help="optimizer steps per variant"),
+    set_: Optional[List[str]] = SET,
+) -> None:
+    """Training tokens/s (and MFU on GPU) per variant; writes results/bench/train_<preset>_<cpu|gpu>.{json,md}."""
+    from bov.bench import bench_train
+
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    for v in names:
+        load_or_exit(preset, v, set_)  # every variant valid before any compute
+    bench_train(preset, names, steps, set_, log=typer.echo)
 
 
 def main() -> None:  # pragma: no cover

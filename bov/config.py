@@ -59,7 +59,13 @@ class ModelConfig(_Section):
     value_source: Literal["bank", "x0", "v1"] = "bank"
     value_mode: Literal["context_free", "mixed"] = "context_free"
     value_coeff: Literal["fixed", "learned", "learned_per_head", "gate"] = "learned"
-    value_residual: Literal["off", "identity", "learned"] = "off"
+    value_residual: Literal["off", "identity", "learned", "neutreno"] = "off"
+    neutreno_lambda: float = 0.4  # NeuTRENO: y_l += lam * (V_0 - V_l) after attention
+    # Depth-Attention: before sequence attention, attend over earlier layers' (key, mixed value)
+    depth_attention: bool = False
+    depth_stride: int | None = Field(None, ge=1)  # candidates j < l with j % stride == 0; None: L // 2
+    # DenseFormer: after each block, a learned depth-weighted average of all earlier block outputs
+    denseformer: bool = False
     bank_init: Literal["aligned", "normal", "uniform", "zeros"] = "aligned"
     bank_init_std: float = Field(0.02, gt=0)
     bank_sharing: Literal["per_layer", "shared"] = "per_layer"
@@ -77,6 +83,11 @@ class ModelConfig(_Section):
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("depth_attention", "denseformer", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        return {"on": True, "off": False}.get(v, v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -117,6 +128,10 @@ class ModelConfig(_Section):
                 "model.value_residual acts on layers >= 1 that hold no bank, and "
                 f"model.bank_layers={self.bank_layers} leaves none"
             )
+        if self.depth_stride is not None and not self.depth_attention:
+            raise ValueError("model.depth_stride needs model.depth_attention=on")
+        if "neutreno_lambda" in set_by_user and self.value_residual != "neutreno":
+            raise ValueError("model.neutreno_lambda needs model.value_residual=neutreno")
         if self.window_pattern != "L" and "S" in self.window_pattern and self.short_window >= self.seq_len:
             raise ValueError(f"model.short_window ({self.short_window}) must be < model.seq_len ({self.seq_len})")
         return self

@@ -304,6 +304,13 @@ class PreparedData:
     fingerprint: str  # identifies (source, tokenizer, split settings)
     bos_id: int
 
+    def unigram_bpb(self) -> float:
+        """Bits per byte of a unigram model fitted on train (add-one), scored on val: the bar to clear."""
+        counts = np.bincount(np.asarray(self.train.array()), minlength=len(self.token_bytes)).astype(np.float64) + 1
+        logp = np.log2(counts / counts.sum())
+        val = np.asarray(self.val.array())[1:]  # the predicted tokens, as in training
+        return float(-logp[val].sum() / self.token_bytes[val].sum())
+
 
 def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) -> PreparedData:
     """Build (or reuse) the tokenizer and the packed train/val streams for a config."""

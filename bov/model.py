@@ -113,11 +113,22 @@ class Attention(nn.Module):
                          alt.view(B, T, self.n_kv, self.dh), x)
         return v.view(B, T, self.n_kv, self.dh)
 
-    def forward(self, x, ids, x0, v0, banks, rope: Rotary):
+    def depth_mix(self, q, k, v, depth):
+        """Depth-Attention: per position and KV head, attend over earlier layers' (key, mixed value) and self."""
+        B, T = q.shape[:2]
+        qbar = q.view(B, T, self.n_kv, self.n_heads // self.n_kv, self.dh).mean(3)
+        keys = torch.stack([depth[j][0] for j in self.plan.depth_candidates] + [k], dim=3)  # [B, T, Hkv, J, dh]
+        vals = torch.stack([depth[j][1] for j in self.plan.depth_candidates] + [v], dim=3)
+        w = torch.einsum("btgd,btgjd->btgj", qbar.float(), keys.float()) / math.sqrt(self.dh)
+        return torch.einsum("btgj,btgjd->btgd", w.softmax(-1).to(v.dtype), vals)
+
+    def forward(self, x, ids, x0, v0, banks, rope: Rotary, depth):
         B, T, _ = x.shape
         q = rope(norm(self.q_proj(x).view(B, T, self.n_heads, self.dh), self.eps))
         k = rope(norm(self.k_proj(x).view(B, T, self.n_kv, self.dh), self.eps))
         v = self.value(x, ids, x0, v0, banks)
+        if self.plan.depth_candidates:
+            v = self.depth_mix(q, k, v, depth)
         mask = None
         if self.window is not None and self.window < T:  # sliding window: keys in (t - window, t]
             i = torch.arange(T, device=x.device)
@@ -125,8 +136,10 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads,
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), v
+        ).transpose(1, 2)
+        if self.plan.neutreno is not None:  # NeuTRENO: U_l = A_l V_l + lam (V_0 - V_l)
+            y = y + self.plan.neutreno * (v0 - v).repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        return self.o_proj(y.reshape(B, T, -1)), v, k
 
 
 class MLP(nn.Module):
@@ -150,10 +163,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, plan, window)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ids, x0, v0, banks, rope):
-        a, v = self.attn(norm(x, self.eps), ids, x0, v0, banks, rope)
+    def forward(self, x, ids, x0, v0, banks, rope, depth):
+        a, v, k = self.attn(norm(x, self.eps), ids, x0, v0, banks, rope, depth)
         x = x + a
-        return x + self.mlp(norm(x, self.eps)), v
+        return x + self.mlp(norm(x, self.eps)), v, k
 
 
 def layer_windows(cfg: ModelConfig) -> list[int | None]:
@@ -175,6 +188,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, p, w) for p, w in zip(self.plan, layer_windows(cfg)))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+        # DenseFormer: after block l, x = sum_j alpha[l][j] * out_j over the embedding and blocks 0..l
+        self.dwa = nn.ParameterList(nn.Parameter(torch.empty(l + 2)) for l in range(cfg.n_layers)) if cfg.denseformer else None
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -182,9 +197,15 @@ class GPT(nn.Module):
         eps = self.cfg.norm_eps
         x = x0 = norm(self.wte(ids), eps)
         v0 = None
-        for block in self.blocks:
-            x, v = block(x, ids, x0, v0, self.banks, self.rope)
+        depth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (key, mixed value)
+        outputs = [x]  # DenseFormer's history of block outputs
+        for l, block in enumerate(self.blocks):
+            x, v, k = block(x, ids, x0, v0, self.banks, self.rope, depth)
             v0 = v if v0 is None else v0
+            depth[l] = (k, v)
+            if self.dwa is not None:
+                outputs.append(x)
+                x = sum(w * h for w, h in zip(self.dwa[l], outputs))
         logits = self.lm_head(norm(x, eps)).float()
         if self.cfg.logit_softcap is not None:
             c = self.cfg.logit_softcap
@@ -242,6 +263,10 @@ class GPT(nn.Module):
                 block.attn.mix.reset()
                 if block.attn.mix.gate is not None:  # gate starts near 3*sigmoid(0) = 1.5
                     block.attn.mix.gate.weight.copy_(torch.empty(block.attn.mix.gate.weight.shape).uniform_(0, 0.02).to(dev))
+        if self.dwa is not None:  # identity: each average starts as the latest block output
+            for w in self.dwa:
+                w.zero_()
+                w[-1] = 1.0
         self.rope.reset()
 
     # ------------------------------------------------------------------ accounting
@@ -279,8 +304,9 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward = 3x forward), attention included.
 
         Matmuls as 2 * in * out per token; attention as 4 * H * d_h * keys per token
-        forward, counting min(window, T) keys per query (the paper's accounting). Bank
-        lookups and elementwise mixing cost no matmul FLOPs.
+        forward, counting min(window, T) keys per query (the paper's accounting);
+        Depth-Attention as 4 * (|S| + 1) * d_h * H_kv. Bank lookups and elementwise
+        work (value mixing, NeuTRENO, DenseFormer averages) count no matmul FLOPs.
         """
         cfg = self.cfg
         T = seq_len or cfg.seq_len
@@ -292,6 +318,8 @@ class GPT(nn.Module):
             fwd += d * hd + d * kv + p.v_matmuls * d * kv + hd * d + mlp
             fwd += GATE_CHANNELS * cfg.n_kv_heads if p.coeff == "gate" and p.source is not None else 0
             fwd += 2 * hd * min(w or T, T)  # q.k and attn.v
+            if p.depth_candidates:  # depth scores and mixing over |S| + 1 layers, per KV head
+                fwd += 2 * (len(p.depth_candidates) + 1) * cfg.head_dim * cfg.n_kv_heads
         return 3 * 2 * fwd
 
     def value_coefficients(self) -> dict[str, float]:

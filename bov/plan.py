@@ -15,7 +15,7 @@ ResFormer is `0.5 * own + 0.5 * V_0`, value embeddings are `own + gate(x) * E_v[
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Sequence
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class LayerPlan:
     coeff: Coeff
     init: tuple[float, float]  # (a, b) at initialization; a unused when not uses_own
     bank: int | None = None  # index into the model's bank tables
+    depth_candidates: tuple[int, ...] = ()  # Depth-Attention: earlier layers attended over depth (+ self)
+    neutreno: float | None = None  # NeuTRENO lambda: y += lam * (V_0 - V_l) after attention
 
     @property
     def v_matmuls(self) -> int:
@@ -75,7 +77,8 @@ class LayerPlan:
     def describe(self) -> str:
         """The layer's value formula, e.g. `0.5*x_l W_V + 0.5*V_0` or `b*E_v[i] (table 0)`."""
         if self.source is None:
-            return "x_l W_V"
+            text = "x_l W_V"
+            return text + (f", y += {self.neutreno:g}*(V_0 - V_l)" if self.neutreno is not None else "")
         a, b = self.init
         fixed = self.coeff == "fixed"
         alt = {"bank": "E_v[i]", "x0": "x0 W_V", "v1": "V_0"}[self.source]
@@ -88,6 +91,7 @@ class LayerPlan:
 def build_plan(cfg: "ModelConfig") -> tuple[LayerPlan, ...]:
     """Config axes -> one LayerPlan per layer. The only place the axes are interpreted."""
     targets = resolve_bank_layers(cfg.bank_layers, cfg.n_layers)
+    stride = cfg.depth_stride or max(1, cfg.n_layers // 2)
     plans = []
     for l in range(cfg.n_layers):
         if l in targets:
@@ -104,11 +108,16 @@ def build_plan(cfg: "ModelConfig") -> tuple[LayerPlan, ...]:
             # V_0 is layer 0's own projection, so a v1 source at layer 0 keeps W_V there.
             has_v = mixed or cfg.value_source == "x0" or (cfg.value_source == "v1" and l == 0)
             plans.append(LayerPlan(l, "target", cfg.value_source, mixed, has_v, cfg.value_coeff, init, bank))
-        elif l >= 1 and cfg.value_residual != "off":
+        elif l >= 1 and cfg.value_residual in ("identity", "learned"):
             coeff: Coeff = "fixed" if cfg.value_residual == "identity" else "learned"
             plans.append(LayerPlan(l, "residual", "v1", True, True, coeff, (0.5, 0.5)))
+        elif l >= 1 and cfg.value_residual == "neutreno":
+            plans.append(LayerPlan(l, "residual", None, True, True, "fixed", (1.0, 0.0), neutreno=cfg.neutreno_lambda))
         else:
             plans.append(LayerPlan(l, "standard", None, True, True, "fixed", (1.0, 0.0)))
+    if cfg.depth_attention:  # layer 0 has no depth step
+        plans = [replace(p, depth_candidates=tuple(j for j in range(p.layer) if j % stride == 0)) if p.layer else p
+                 for p in plans]
     return tuple(plans)
 
 

@@ -369,5 +369,6 @@ def _summary(cfg, module, budget, params, data, run_id, status, error, steps) ->
         "train_loss": module.last_train_loss, "tokens": tokens, "flops": float(tokens) * budget.flops_per_token,
         "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
         "tokens_per_s": tps, "train_tokens_available": data.train.n_tokens,
-        "epochs": tokens / max(1, data.train.n_tokens), "param_checksum": checksum,
+        "epochs": tokens / max(1, data.train.n_tokens), "unigram_bpb": data.unigram_bpb(),
+        "param_checksum": checksum,
     }

@@ -15,6 +15,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = [
     "baseline", "bov", "bov_add", "x0_replace", "v1_replace",
     "resformer", "resformer_learned", "svformer", "value_embed",
+    "depth_attention", "neutreno", "denseformer",
 ]
 
 

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bov.plan import resolve_bank_layers
 from conftest import VARIANTS, make
+from reference import reference_forward as _reference_forward
 
 
 def ids_for(cfg, B=2, T=None, seed=1):
@@ -61,48 +62,11 @@ def test_mixed_learned_at_init_equals_baseline(source, coeff):
         assert maxdiff(mixed(ids), base(ids)) > 1e-3
 
 
-def _reference_forward(model, ids, v_rule):
-    """A hand-written decoder forward over the model's weights; v_rule(l, own, v0) -> v."""
-    cfg = model.cfg
-    B, T = ids.shape
-    H, Hk, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    rms = lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
-    pos = torch.arange(T, dtype=torch.float32)
-    inv = 1.0 / cfg.rope_base ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh)
-    ang = pos[:, None] * inv[None, :]
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-
-    def rope(t):
-        a, b = t[..., : dh // 2], t[..., dh // 2 :]
-        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
-
-    x = rms(model.wte.weight[ids])
-    v0 = None
-    causal = torch.ones(T, T).tril().bool()
-    for l, blk in enumerate(model.blocks):
-        att = blk.attn
-        h = rms(x)
-        q = rope(rms((h @ att.q_proj.weight.T).view(B, T, H, dh)))
-        k = rope(rms((h @ att.k_proj.weight.T).view(B, T, Hk, dh)))
-        own = (h @ att.v_proj.weight.T).view(B, T, Hk, dh)
-        v = v_rule(l, own, v0)
-        v0 = v if v0 is None else v0
-        k = k.repeat_interleave(H // Hk, dim=2)
-        vv = v.repeat_interleave(H // Hk, dim=2)
-        s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dh)
-        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
-        y = torch.einsum("bhts,bshd->bthd", p, vv).reshape(B, T, H * dh)
-        x = x + y @ att.o_proj.weight.T
-        m = rms(x)
-        x = x + (F.relu(m @ blk.mlp.up.weight.T) ** 2) @ blk.mlp.down.weight.T
-    return rms(x) @ model.lm_head.weight.T
-
-
 def test_resformer_identity_matches_two_layer_reference():
     model, cfg = make("resformer", model__n_layers=2)
     ids = ids_for(cfg)
-    ref = _reference_forward(model, ids, lambda l, own, v0: own if l == 0 else 0.5 * v0 + 0.5 * own)
-    plain = _reference_forward(model, ids, lambda l, own, v0: own)
+    ref = _reference_forward(model, ids, lambda l, own, v0, **_: own if l == 0 else 0.5 * v0 + 0.5 * own)
+    plain = _reference_forward(model, ids, lambda l, own, v0, **_: own)
     with torch.no_grad():
         out = model(ids)
     assert maxdiff(out, ref) < 1e-5
@@ -113,7 +77,7 @@ def test_baseline_matches_reference():
     model, cfg = make("baseline")
     ids = ids_for(cfg)
     with torch.no_grad():
-        assert maxdiff(model(ids), _reference_forward(model, ids, lambda l, own, v0: own)) < 1e-5
+        assert maxdiff(model(ids), _reference_forward(model, ids, lambda l, own, v0, **_: own)) < 1e-5
 
 
 def test_svformer_reads_v0_everywhere():
@@ -121,7 +85,7 @@ def test_svformer_reads_v0_everywhere():
     base, _ = make("baseline", model__n_layers=3)
     # svformer holds no W_V at layers >= 1; put the baseline's there for the reference
     ids = ids_for(cfg)
-    ref = _reference_forward(base, ids, lambda l, own, v0: own if l == 0 else v0)
+    ref = _reference_forward(base, ids, lambda l, own, v0, **_: own if l == 0 else v0)
     with torch.no_grad():
         assert maxdiff(model(ids), ref) < 1e-5
 
@@ -221,6 +185,9 @@ def closed_form_params(variant: str, cfg) -> int:
         "resformer_learned": 2 * (L - 1),
         "svformer": -(L - 1) * d * kv,
         "value_embed": E * (V * kv + 12 * m.n_kv_heads),  # table + gate
+        "depth_attention": 0,  # no new parameters
+        "neutreno": 0,
+        "denseformer": L * (L + 3) // 2,  # block l averages l + 2 outputs
     }[variant]
     return base + delta
 

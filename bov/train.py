@@ -227,6 +227,18 @@ def run_key(cfg: ExperimentConfig) -> str:
     return f"{cfg.preset}-{cfg.variant}-{cfg.config_hash()}"
 
 
+def ensure_experiment(name: str, uri: str) -> str:
+    """The experiment's id, creating it; with the embedded store, artifacts go under the runs dir too."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    local = uri.startswith("sqlite:")  # a server (MLFLOW_TRACKING_URI) keeps its own artifact store
+    return client.create_experiment(name, artifact_location=(runs_dir() / "artifacts").as_uri() if local else None)
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -280,7 +292,7 @@ def run_training(
     run_id = None
     if is_zero:
         mlflow.set_tracking_uri(uri)
-        exp = mlflow.set_experiment(cfg.tracking.experiment)
+        experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
         if resume and state_path.is_file():
             run_id = json.loads(state_path.read_text())["run_id"]
         tags = {"variant": cfg.variant, "preset": cfg.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),
@@ -288,7 +300,7 @@ def run_training(
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:
-            run = mlflow.MlflowClient(uri).create_run(exp.experiment_id, tags=tags,
+            run = mlflow.MlflowClient(uri).create_run(experiment_id, tags=tags,
                                                       run_name=cfg.tracking.run_name or run_key(cfg))
             run_id = run.info.run_id
             state_path.write_text(json.dumps({"run_id": run_id}))

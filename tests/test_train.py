@@ -72,6 +72,7 @@ def test_train_logs_everything_to_mlflow(runs):
     assert [h.step for h in hist] == [5, 10, 15, 20]
     arts = {a.path for a in client.list_artifacts(s["run_id"])}
     assert {"config.yaml", "final_metrics.json"} <= arts
+    assert (runs / "artifacts").is_dir() and run.info.artifact_uri.startswith((runs / "artifacts").as_uri())
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
@@ -148,3 +149,19 @@ def test_ddp_two_processes_agree(tmp_path):
     assert r0["param_sum"] == r1["param_sum"]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["tokens"] == 6 * 2 * 4 * 64  # two ranks, each 4 x 64 per step
+
+
+def test_ctrl_c_ends_run_killed(tmp_path):
+    runs = tmp_path / "int"
+    args = ["train", "-p", "micro", "--set", "train.max_steps=5000", "--set", "train.ckpt_every=10", "--set", "train.val_every=10"]
+    proc = subprocess.Popen(BOV + args, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list(runs.glob("train/*/last.ckpt")):  # training is under way
+        assert proc.poll() is None and time.time() - t0 < 180
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"

@@ -120,7 +120,8 @@ def load_documents(source: str, cfg: DataConfig):
         ds = datasets.load_dataset(kind, data_files=files, split="train", **kwargs)
     else:
         ds = datasets.load_dataset(source, cfg.hub_config, split="train", streaming=cfg.streaming)
-    field = cfg.text_field if source != "stdlib" and _kind(Path(source)) != "text" else "text"
+    plain_text = source == "stdlib" or (is_local(source) and _kind(Path(source)) == "text")
+    field = "text" if plain_text else cfg.text_field  # jsonl, parquet and hub rows name their text field
     if field not in (ds.column_names or [field]):
         raise DataError(f"data.text_field: {source!r} has no column {field!r} (columns: {', '.join(ds.column_names)})")
     if field != "text":

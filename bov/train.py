@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from bov.config import ExperimentConfig
 from bov.data import PreparedData, TokenDataModule, prepare
-from bov.model import build_model
+from bov.model import GPT, build_model
 from bov.paths import runs_dir, tracking_uri
 
 
@@ -281,8 +281,6 @@ def run_training(
 
     world = (cfg.train.devices if isinstance(cfg.train.devices, int) else 1) * cfg.train.num_nodes
     with torch.device("meta"):
-        from bov.model import GPT
-
         shape = GPT(cfg.model)
     budget = plan_budget(cfg, shape.flops_per_token(cfg.model.seq_len), world)
     params = shape.param_breakdown()
@@ -291,56 +289,32 @@ def run_training(
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = None
     if is_zero:
-        mlflow.set_tracking_uri(uri)
-        experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
-        if resume and state_path.is_file():
-            run_id = json.loads(state_path.read_text())["run_id"]
-        tags = {"variant": cfg.variant, "preset": cfg.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),
-                "config_hash": cfg.config_hash(), "data_fingerprint": data.fingerprint, **(extra_tags or {})}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        if run_id is None:
-            run = mlflow.MlflowClient(uri).create_run(experiment_id, tags=tags,
-                                                      run_name=cfg.tracking.run_name or run_key(cfg))
-            run_id = run.info.run_id
-            state_path.write_text(json.dumps({"run_id": run_id}))
-            client = mlflow.MlflowClient(uri)
-            flat = {k: str(v) for k, v in cfg.flat().items()}
-            flat.update({f"budget.{k}": str(v) for k, v in
-                         {"steps": budget.steps, "tokens": budget.tokens, "flops_per_token": budget.flops_per_token}.items()})
-            flat.update({f"params.{k}": str(v) for k, v in params.items()})
-            flat["data.train_tokens"] = str(data.train.n_tokens)
-            from mlflow.entities import Param
-
-            items = [Param(k, v[:6000]) for k, v in flat.items()]
-            for i in range(0, len(items), 100):
-                client.log_batch(run_id, params=items[i : i + 100])
-            client.log_text(run_id, cfg.to_yaml(), "config.yaml")
-        else:
-            mlflow.MlflowClient(uri).update_run(run_id, status="RUNNING")
+        run_id = _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_tags, parent_run_id)
         log(f"mlflow run {run_id} ({uri})")
 
-    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id) if is_zero else False
-    ckpt_cb = ModelCheckpoint(dirpath=run_dir, filename="step{step:06d}", save_last=True, save_top_k=0,
-                              every_n_train_steps=cfg.train.ckpt_every or cfg.train.val_every,
-                              auto_insert_metric_name=False)
-    accel = "gpu" if torch.cuda.is_available() else "cpu"
-    trainer = pl.Trainer(
-        accelerator=accel, devices=cfg.train.devices, num_nodes=cfg.train.num_nodes, strategy=cfg.train.strategy,
-        precision=_precision(cfg), max_steps=budget.steps,
-        max_epochs=-1, val_check_interval=cfg.train.val_every * cfg.train.grad_accum, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=logger, callbacks=[ckpt_cb, *(callbacks or [])],
-        enable_progress_bar=is_zero and os.environ.get("BOV_PROGRESS", "1") == "1", enable_model_summary=False,
-        use_distributed_sampler=False, log_every_n_steps=1, deterministic=False,
-        default_root_dir=str(run_dir),
-    )
-    module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes))
-    if cfg.train.compile:
-        module.model = torch.compile(module.model)
-    dm = TokenDataModule(cfg, data)
-    system = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.tracking.system_metrics) if is_zero else None
+    trainer = module = system = None
     status, error = "FAILED", None
-    try:
+    try:  # from here on, whatever happens, the MLflow run ends with a final status
+        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id) if is_zero else False
+        ckpt_cb = ModelCheckpoint(dirpath=run_dir, filename="step{step:06d}", save_last=True, save_top_k=0,
+                                  every_n_train_steps=cfg.train.ckpt_every or cfg.train.val_every,
+                                  auto_insert_metric_name=False)
+        trainer = pl.Trainer(
+            accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=cfg.train.devices,
+            num_nodes=cfg.train.num_nodes, strategy=cfg.train.strategy, precision=_precision(cfg),
+            max_steps=budget.steps, max_epochs=-1, check_val_every_n_epoch=None,
+            val_check_interval=cfg.train.val_every * cfg.train.grad_accum,  # counted in micro-batches
+            num_sanity_val_steps=0, logger=logger, callbacks=[ckpt_cb, *(callbacks or [])],
+            enable_progress_bar=is_zero and os.environ.get("BOV_PROGRESS", "1") == "1", enable_model_summary=False,
+            use_distributed_sampler=False,  # TrainWindows gives each rank its own slice
+            default_root_dir=str(run_dir),
+        )
+        module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes))
+        if cfg.train.compile:
+            module.model = torch.compile(module.model)
+        dm = TokenDataModule(cfg, data)
+        if is_zero:
+            system = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.tracking.system_metrics)
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None)
         if trainer.interrupted:
             status, error = "KILLED", "interrupted"
@@ -349,12 +323,14 @@ def run_training(
                 trainer.validate(module, datamodule=dm, verbose=False)
             status = "FINISHED"
     except BaseException as e:  # Lightning turns Ctrl-C into SystemExit after a graceful stop
-        killed = isinstance(e, KeyboardInterrupt) or trainer.interrupted and isinstance(e, SystemExit)
+        killed = isinstance(e, KeyboardInterrupt) or (trainer is not None and trainer.interrupted
+                                                        and isinstance(e, SystemExit))
         status = "KILLED" if killed else "FAILED"
         error = "interrupted" if killed else (str(e) if isinstance(e, Diverged) else f"{type(e).__name__}: {e}")
         raise
     finally:
-        summary = _summary(cfg, module, budget, params, data, run_id, status, error, trainer.global_step)
+        steps = trainer.global_step if trainer is not None else 0
+        summary = _summary(cfg, module, budget, params, data, run_id, status, error, steps)
         if is_zero:
             (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
             client = mlflow.MlflowClient(uri)
@@ -364,21 +340,53 @@ def run_training(
             if system is not None:
                 mlflow.end_run(status=status)
             client.set_terminated(run_id, status=status)
-        (run_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+        rank = trainer.global_rank if trainer is not None else rank_zero_only.rank
+        (run_dir / f"rank{rank}.json").write_text(json.dumps(
             {"final_loss": summary["train_loss"], "param_sum": summary["param_checksum"]}))
     return summary
+
+
+def _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_tags, parent_run_id) -> str:
+    """Create the run (params, tags, config artifact), or reopen the stored one on resume."""
+    import mlflow
+    from mlflow.entities import Param
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
+    if resume and state_path.is_file():
+        run_id = json.loads(state_path.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {"variant": cfg.variant, "preset": cfg.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),
+            "config_hash": cfg.config_hash(), "data_fingerprint": data.fingerprint, **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(experiment_id, tags=tags, run_name=cfg.tracking.run_name or run_key(cfg)).info.run_id
+    state_path.write_text(json.dumps({"run_id": run_id}))
+    flat = {k: str(v) for k, v in cfg.flat().items()}
+    flat.update({"budget.steps": str(budget.steps), "budget.tokens": str(budget.tokens),
+                 "budget.flops_per_token": str(budget.flops_per_token), "data.train_tokens": str(data.train.n_tokens)})
+    flat.update({f"params.{k}": str(v) for k, v in params.items()})
+    items = [Param(k, v[:6000]) for k, v in flat.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    return run_id
 
 
 def _summary(cfg, module, budget, params, data, run_id, status, error, steps) -> dict[str, Any]:
     val = getattr(module, "val_metrics", None) or {}
     tokens = steps * budget.tokens_per_step
-    tps = module._tokens_timed / module._time_timed if module._time_timed else None
-    with torch.no_grad():
-        checksum = float(sum(p.double().sum() for p in module.model.parameters()))
+    tps = module._tokens_timed / module._time_timed if module is not None and module._time_timed else None
+    checksum = None
+    if module is not None:
+        with torch.no_grad():
+            checksum = float(sum(p.double().sum() for p in module.model.parameters()))
     return {
         "run_id": run_id, "variant": cfg.variant, "preset": cfg.preset, "seed": cfg.train.seed, "status": status,
         "error": error, "steps": steps, "val_bpb": val.get("val/bpb"), "val_loss": val.get("val/loss"),
-        "train_loss": module.last_train_loss, "tokens": tokens, "flops": float(tokens) * budget.flops_per_token,
+        "train_loss": module.last_train_loss if module is not None else float("nan"), "tokens": tokens, "flops": float(tokens) * budget.flops_per_token,
         "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
         "tokens_per_s": tps, "train_tokens_available": data.train.n_tokens,
         "epochs": tokens / max(1, data.train.n_tokens), "unigram_bpb": data.unigram_bpb(),

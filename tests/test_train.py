@@ -165,3 +165,12 @@ def test_ctrl_c_ends_run_killed(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+
+
+def test_failure_while_building_the_trainer_ends_failed(runs):
+    cfg = load_config("micro", "baseline", {"train.max_steps": 2, "train.strategy": "no_such_strategy"})
+    with pytest.raises(Exception, match="no_such_strategy"):
+        run_training(cfg, log=lambda m: None)
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])
+    assert run.info.status == "FAILED" and "no_such_strategy" in run.data.tags["error"]

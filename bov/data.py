@@ -23,7 +23,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -117,7 +117,7 @@ def load_documents(source: str, cfg: DataConfig):
         files = [str(p) for p in _local_files(source)]
         kind = _kind(Path(files[0]))
         kwargs = {"sample_by": "document" if cfg.doc_split == "file" else "paragraph"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", **kwargs)
+        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
     else:
         ds = datasets.load_dataset(source, cfg.hub_config, split="train", streaming=cfg.streaming)
     plain_text = source == "stdlib" or (is_local(source) and _kind(Path(source)) == "text")
@@ -188,8 +188,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def get_tokenizer(cfg: ExperimentConfig, train_docs, fingerprint: str):
-    """Load the configured tokenizer, or train (and cache) a byte-level BPE."""
+def get_tokenizer(cfg: ExperimentConfig, train_texts: Callable[[], Iterator[str]], fingerprint: str):
+    """Load the configured tokenizer, or train (and cache) a byte-level BPE on train_texts()."""
     from tokenizers import Tokenizer
 
     vocab = cfg.model.vocab_size
@@ -211,7 +211,7 @@ def get_tokenizer(cfg: ExperimentConfig, train_docs, fingerprint: str):
 
     def texts():
         budget = TOKENIZER_TRAIN_CHARS
-        for t in train_docs:
+        for t in train_texts():
             yield t
             budget -= len(t)
             if budget <= 0:
@@ -314,7 +314,11 @@ class PreparedData:
 
 
 def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) -> PreparedData:
-    """Build (or reuse) the tokenizer and the packed train/val streams for a config."""
+    """Build (or reuse) the tokenizer and the packed train/val streams for a config.
+
+    With `data.streaming`, the train split packs `stream_tokens` tokens (what the run's
+    budget reads); the streams' cache key includes that count, so a larger budget rebuilds them.
+    """
     d = cfg.data
     check_source(d)
     split_key = {"val_fraction": d.val_fraction, "val_source": d.val_source, "doc_split": d.doc_split,
@@ -323,32 +327,39 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
                          **split_key}, sort_keys=True)
     corpus_fp = hashlib.sha256(src_id.encode()).hexdigest()[:16]
 
-    docs = load_documents(d.source, d)
-    streaming = not hasattr(docs, "__len__")
-    if d.val_source is None:
-        cut = round(d.val_fraction * HASH_BUCKETS)
-        val_docs = docs.filter(lambda t: doc_bucket(t) < cut, input_columns="text")
-        train_docs = docs.filter(lambda t: doc_bucket(t) >= cut, input_columns="text")
-    else:
-        train_docs, val_docs = docs, load_documents(d.val_source, d)
+    split: dict = {}
 
-    tok, tok_path = get_tokenizer(cfg, (r["text"] for r in train_docs), corpus_fp)
+    def split_docs() -> dict:
+        """Read the corpus and split it by document, only when something has to be built."""
+        if not split:
+            docs = load_documents(d.source, d)
+            if d.val_source is None:
+                cut = round(d.val_fraction * HASH_BUCKETS)
+                split["val"] = docs.filter(lambda t: doc_bucket(t) < cut, input_columns="text")
+                split["train"] = docs.filter(lambda t: doc_bucket(t) >= cut, input_columns="text")
+            else:
+                split["train"], split["val"] = docs, load_documents(d.val_source, d)
+        return split
+
+    tok, tok_path = get_tokenizer(cfg, lambda: (r["text"] for r in split_docs()["train"]), corpus_fp)
     bos_id = tok.token_to_id(BOS)
     if bos_id is None:
         bos_id = tok.get_vocab_size() - 1 if cfg.data.tokenizer else 0
     tok_hash = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
-    fingerprint = hashlib.sha256(f"{corpus_fp}:{tok_hash}".encode()).hexdigest()[:16]
+    key = f"{corpus_fp}:{tok_hash}" + (f":{stream_tokens}" if d.streaming else "")  # budget keys streams, not the BPE
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = cache_dir("tokens") / fingerprint
     root.mkdir(parents=True, exist_ok=True)
+    # A stream has no end: pack what the run will read (train) and twice the validation budget.
+    limits = {"train": stream_tokens, "val": 2 * cfg.train.val_tokens} if d.streaming else {"train": None, "val": None}
     streams = {}
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        path = root / f"{split}.bin"
+    for name in ("train", "val"):
+        path = root / f"{name}.bin"
         stream = _load_cached(path)
         if stream is None:
-            log(f"tokenizing {split} split of {d.source} -> {path}")
-            limit = stream_tokens if streaming and split == "train" else (cfg.train.val_tokens * 2 if streaming else None)
-            stream = _pack(split_docs, tok, bos_id, path, d.num_proc, limit)
-        streams[split] = stream
+            log(f"tokenizing {name} split of {d.source} -> {path}")
+            stream = _pack(split_docs()[name], tok, bos_id, path, d.num_proc, limits[name])
+        streams[name] = stream
     return PreparedData(streams["train"], streams["val"], token_byte_lengths(tok), tok_path, fingerprint, bos_id)
 
 

@@ -267,7 +267,6 @@ def run_training(
     from lightning.pytorch.loggers import MLFlowLogger
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    data = data or prepare(cfg, log=log)
     run_dir = runs_dir() / "train" / run_key(cfg)
     state_path = run_dir / "run.json"
     ckpt = run_dir / "last.ckpt"
@@ -285,6 +284,8 @@ def run_training(
     budget = plan_budget(cfg, shape.flops_per_token(cfg.model.seq_len), world)
     params = shape.param_breakdown()
     del shape
+    # a streaming source packs exactly what the budget reads, plus one window
+    data = data or prepare(cfg, stream_tokens=budget.tokens + cfg.model.seq_len + 1, log=log)
 
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = None

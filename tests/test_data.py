@@ -89,3 +89,35 @@ def test_train_windows_are_a_pure_function_of_position(runs):
     r1 = iter(TrainWindows(d.train, 64, seed=3, start=0, rank=1, world=2, batch=2))
     a = [next(r0)[0] for _ in range(2)] + [next(r1)[0] for _ in range(2)]
     assert all(np.array_equal(x, y) for x, y in zip(a, seq[:4]))  # ranks split one global batch
+
+
+def test_valid_cache_does_not_read_the_corpus(runs, monkeypatch):
+    cfg = load_config("micro", "baseline")
+    first = prepare(cfg, log=lambda m: None)
+
+    def no_read(*a, **k):
+        raise AssertionError("the corpus was read although tokenizer and streams are cached")
+
+    monkeypatch.setattr("bov.data.load_documents", no_read)
+    again = prepare(cfg, log=lambda m: None)
+    assert again.fingerprint == first.fingerprint and again.train.n_tokens == first.train.n_tokens
+
+
+def test_streaming_packs_only_the_budget(tmp_path, runs):
+    import gzip
+    import json
+
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as f:
+        for i in range(400):
+            f.write(json.dumps({"body": f"document {i}: " + "some words here and there " * 20}) + "\n")
+    over = {"data.streaming": True, "data.text_field": "body", "train.val_tokens": 256}
+    cfg = cfg_for(tmp_path / "docs.jsonl.gz", **over)
+    small = prepare(cfg, stream_tokens=3000, log=lambda m: None)
+    full = prepare(cfg_for(tmp_path / "docs.jsonl.gz", **{"data.text_field": "body"}), log=lambda m: None)
+    per_doc = full.train.n_tokens / full.train.n_docs
+    assert 3000 <= small.train.n_tokens < 3000 + 2 * per_doc < full.train.n_tokens  # stopped at the budget
+    assert 512 <= small.val.n_tokens < 512 + 2 * per_doc
+    assert small.token_bytes[np.array(small.train.array())].sum() == small.train.n_bytes
+    bigger = prepare(cfg, stream_tokens=6000, log=lambda m: None)
+    assert bigger.fingerprint != small.fingerprint and bigger.train.n_tokens >= 6000
+    assert bigger.tokenizer_path == small.tokenizer_path  # the BPE does not depend on the budget

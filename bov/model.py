@@ -188,6 +188,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, p, w) for p, w in zip(self.plan, layer_windows(cfg)))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+        self.depth_sources = {j for p in self.plan for j in p.depth_candidates}  # layers a depth step reads
         # DenseFormer: after block l, x = sum_j alpha[l][j] * out_j over the embedding and blocks 0..l
         self.dwa = nn.ParameterList(nn.Parameter(torch.empty(l + 2)) for l in range(cfg.n_layers)) if cfg.denseformer else None
 
@@ -202,7 +203,8 @@ class GPT(nn.Module):
         for l, block in enumerate(self.blocks):
             x, v, k = block(x, ids, x0, v0, self.banks, self.rope, depth)
             v0 = v if v0 is None else v0
-            depth[l] = (k, v)
+            if l in self.depth_sources:
+                depth[l] = (k, v)
             if self.dwa is not None:
                 outputs.append(x)
                 x = sum(w * h for w, h in zip(self.dwa[l], outputs))

@@ -76,16 +76,17 @@ class LayerPlan:
 
     def describe(self) -> str:
         """The layer's value formula, e.g. `0.5*x_l W_V + 0.5*V_0` or `b*E_v[i] (table 0)`."""
+        depth = f", then depth-mixed with layers {list(self.depth_candidates)}" if self.depth_candidates else ""
         if self.source is None:
-            text = "x_l W_V"
-            return text + (f", y += {self.neutreno:g}*(V_0 - V_l)" if self.neutreno is not None else "")
+            post = f", y += {self.neutreno:g}*(V_0 - V_l)" if self.neutreno is not None else ""
+            return "x_l W_V" + depth + post
         a, b = self.init
         fixed = self.coeff == "fixed"
         alt = {"bank": "E_v[i]", "x0": "x0 W_V", "v1": "V_0"}[self.source]
         alt_c = "gate(x)*" if self.coeff == "gate" else (f"{b:g}*" if fixed else "b*")
         own_c = "" if self.coeff == "gate" else (f"{a:g}*" if fixed else "a*")
         text = f"{alt_c}{alt}" + (f" (table {self.bank})" if self.bank is not None else "")
-        return f"{own_c}x_l W_V + {text}" if self.uses_own else text
+        return (f"{own_c}x_l W_V + {text}" if self.uses_own else text) + depth
 
 
 def build_plan(cfg: "ModelConfig") -> tuple[LayerPlan, ...]:

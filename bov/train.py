@@ -127,9 +127,6 @@ class LitBoV(pl.LightningModule):
                                     adjust_lr_fn="match_rms_adamw")
             muon.param_groups[0]["name"] = "matrix"
             opts.insert(0, muon)
-        for o in opts:
-            for g in o.param_groups:
-                g["base_lr"] = g["lr"]
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, self.budget.steps, t)) for o in opts]
         return opts, scheds
 

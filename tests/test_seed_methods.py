@@ -87,3 +87,11 @@ def test_neutreno_with_zero_lambda_equals_baseline():
         assert maxdiff(zero(ids), base(ids)) < 1e-6
         assert maxdiff(neu(ids), base(ids)) > 1e-3
     assert [b.attn.plan.neutreno for b in neu.blocks] == [None, 0.4, 0.4, 0.4]
+
+
+def test_depth_memory_keeps_only_layers_read_and_plan_shows_them():
+    model, _ = make("depth_attention", preset="tiny")
+    assert model.depth_sources == {0, 3}
+    base, _ = make("baseline")
+    assert base.depth_sources == set()
+    assert model.plan[4].describe() == "x_l W_V, then depth-mixed with layers [0, 3]"

@@ -56,7 +56,8 @@ class ModelConfig(_Section):
 
     # --- value-path design axes -------------------------------------------------
     bank_layers: Union[BankRule, list[int]] = "none"
-    value_source: Literal["bank", "x0", "v1"] = "bank"
+    # "own": the layer's own x_l W_V, scaled by the coefficient (the control of BoV Table 1 row 2)
+    value_source: Literal["bank", "x0", "v1", "own"] = "bank"
     value_mode: Literal["context_free", "mixed"] = "context_free"
     value_coeff: Literal["fixed", "learned", "learned_per_head", "gate"] = "learned"
     value_residual: Literal["off", "identity", "learned", "neutreno"] = "off"
@@ -115,6 +116,11 @@ class ModelConfig(_Section):
                         f"model.{key}={getattr(self, key)} needs model.value_source=bank "
                         f"(got {self.value_source}: there is no table)"
                     )
+        if self.value_source == "own" and targets and self.value_mode != "context_free":
+            raise ValueError(
+                "model.value_mode=mixed with model.value_source=own adds the own value to itself; "
+                "value_source=own already scales the contextual value"
+            )
         if self.value_coeff == "gate" and targets:
             if self.value_mode != "mixed":
                 raise ValueError(

@@ -105,6 +105,8 @@ class Attention(nn.Module):
                 alt = banks[p.bank](ids)
             elif p.source == "x0":
                 alt = self.v_proj(x0)
+            elif p.source == "own":  # the standard value, only rescaled
+                alt = self.v_proj(x)
             elif v0 is not None:  # "v1": the first layer's value
                 alt = v0.flatten(-2)
             else:  # "v1" at layer 0 is layer 0's own projection

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 if TYPE_CHECKING:
     from bov.config import ModelConfig
 
-Source = Literal["bank", "x0", "v1"]
+Source = Literal["bank", "x0", "v1", "own"]
 Coeff = Literal["fixed", "learned", "learned_per_head", "gate"]
 
 
@@ -71,7 +71,7 @@ class LayerPlan:
     @property
     def v_matmuls(self) -> int:
         """How many times this layer applies W_V per token (mixed x0 applies it twice)."""
-        own = self.uses_own or (self.source == "v1" and self.layer == 0)
+        own = self.uses_own or self.source == "own" or (self.source == "v1" and self.layer == 0)
         return int(own) + int(self.source == "x0")
 
     def describe(self) -> str:
@@ -82,7 +82,7 @@ class LayerPlan:
             return "x_l W_V" + depth + post
         a, b = self.init
         fixed = self.coeff == "fixed"
-        alt = {"bank": "E_v[i]", "x0": "x0 W_V", "v1": "V_0"}[self.source]
+        alt = {"bank": "E_v[i]", "x0": "x0 W_V", "v1": "V_0", "own": "x_l W_V"}[self.source]
         alt_c = "gate(x)*" if self.coeff == "gate" else (f"{b:g}*" if fixed else "b*")
         own_c = "" if self.coeff == "gate" else (f"{a:g}*" if fixed else "a*")
         text = f"{alt_c}{alt}" + (f" (table {self.bank})" if self.bank is not None else "")
@@ -107,7 +107,7 @@ def build_plan(cfg: "ModelConfig") -> tuple[LayerPlan, ...]:
             if cfg.value_source == "bank":
                 bank = 0 if cfg.bank_sharing == "shared" else targets.index(l)
             # V_0 is layer 0's own projection, so a v1 source at layer 0 keeps W_V there.
-            has_v = mixed or cfg.value_source == "x0" or (cfg.value_source == "v1" and l == 0)
+            has_v = mixed or cfg.value_source in ("x0", "own") or (cfg.value_source == "v1" and l == 0)
             plans.append(LayerPlan(l, "target", cfg.value_source, mixed, has_v, cfg.value_coeff, init, bank))
         elif l >= 1 and cfg.value_residual in ("identity", "learned"):
             coeff: Coeff = "fixed" if cfg.value_residual == "identity" else "learned"

@@ -51,7 +51,7 @@ BAD = [
     ({"modle.n_layers": 2}, "unknown key modle"),
     ({"model.bank_layers": "last_quarter"}, "model.bank_layers: unknown level 'last_quarter'; allowed: none, last_third"),
     ({"model.value_mode": "replace"}, "model.value_mode: Input should be 'context_free' or 'mixed'"),
-    ({"model.value_source": "x1"}, "model.value_source: Input should be 'bank', 'x0' or 'v1'"),
+    ({"model.value_source": "x1"}, "model.value_source: Input should be 'bank', 'x0', 'v1' or 'own'"),
     ({"model.value_coeff": "auto"}, "model.value_coeff: Input should be"),
     ({"model.bank_init": "xavier"}, "model.bank_init: Input should be 'aligned', 'normal', 'uniform' or 'zeros'"),
     ({"model.value_source": "x0", "model.bank_sharing": "shared"}, "model.bank_sharing=shared needs model.value_source=bank"),

@@ -279,3 +279,19 @@ def test_paper_flops_per_token():
         with torch.device("meta"):
             model = GPT(load_config(preset, "baseline").model)
         assert abs(model.flops_per_token() - paper) / paper < 0.005
+
+
+def test_own_source_scales_the_standard_value():
+    """value_source=own (BoV Table 1 row 2): v = c * x_l W_V, c learned from 1, so step 0 is the baseline."""
+    scaled, cfg = make("baseline", model__bank_layers="last_third", model__value_source="own")
+    base, _ = make("baseline")
+    ids = ids_for(cfg)
+    targets = resolve_bank_layers("last_third", cfg.model.n_layers)
+    assert scaled.num_params() == base.num_params() + len(targets)  # one scalar per target layer
+    assert scaled.flops_per_token(cfg.model.seq_len) == base.flops_per_token(cfg.model.seq_len)
+    with torch.no_grad():
+        assert maxdiff(scaled(ids), base(ids)) < 1e-6
+        scaled.blocks[targets[0]].attn.mix.b.fill_(0.5)
+        ref = _reference_forward(scaled, ids, lambda l, own, v0, **_: 0.5 * own if l == targets[0] else own)
+        assert maxdiff(scaled(ids), ref) < 1e-5
+        assert maxdiff(scaled(ids), base(ids)) > 1e-3

@@ -12,7 +12,13 @@ VARIANT ?= bov
 RUNS  ?= $(or $(BOV_RUNS_DIR),runs)
 STEPS ?= 30
 
-.PHONY: install test test-slow describe train ui bench clean
+AXIS    ?= bank_layers
+# Optional for sweeps: SCALE= SEEDS= WORKERS= STUDY= STORAGE= BUDGET_STEPS=
+SWEEP_ARGS = $(if $(SCALE),--scale $(SCALE)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(WORKERS),--workers $(WORKERS)) \
+             $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE)) $(if $(BUDGET_STEPS),--steps $(BUDGET_STEPS))
+OPTUNA_STORAGE = $(or $(STORAGE),$(BOV_OPTUNA_STORAGE),sqlite:///$(abspath $(RUNS))/optuna.db)
+
+.PHONY: install test test-slow describe train sweep sweeps ui dashboard bench clean
 
 install: $(STAMP)
 
@@ -37,6 +43,19 @@ describe: $(STAMP)
 ## Train one variant on the embedded corpus (tiny: about 6 minutes on 2 CPU cores).
 train: $(STAMP)
 	$(VENV)/bin/bov train --preset $(PRESET) --variant $(VARIANT)
+
+## The main job: an Optuna study over one axis (default bank_layers: about 15 min on 2 CPU cores).
+## Re-running continues it; AXIS= picks another study under sweeps/ (`make sweeps` lists them).
+sweep: $(STAMP)
+	$(VENV)/bin/bov sweep $(AXIS) $(SWEEP_ARGS)
+
+sweeps: $(STAMP)
+	$(VENV)/bin/bov sweeps
+
+## Optuna dashboard on the study storage (http://127.0.0.1:8080); installs optuna-dashboard on first use.
+dashboard: $(STAMP)
+	$(PY) -c "import optuna_dashboard" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e '.[dashboard]'
+	$(VENV)/bin/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port 8080
 
 ## MLflow UI on the embedded store (http://127.0.0.1:5000).
 ui: $(STAMP)

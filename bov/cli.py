@@ -110,6 +110,72 @@ def bench_train_cmd(
     bench_train(preset, names, steps, set_, log=typer.echo)
 
 
+def _seeds(text: str | None) -> list[int] | None:
+    """`3` -> seeds 0, 1, 2; `0,5,7` -> those seeds."""
+    if not text:
+        return None
+    try:
+        parts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--seeds {text!r}: a count (3) or a comma-separated list (0,1,2)")
+    return list(range(parts[0])) if len(parts) == 1 and "," not in text else parts
+
+
+@app.command()
+def sweep(
+    name: str = typer.Argument("bank_layers", help="a study under sweeps/ (e.g. bank_layers, variants) or a YAML path"),
+    scale: Optional[str] = typer.Option(None, "--scale", help="another scale preset (its own step budget)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="3 (seeds 0..2) or 0,1,2; default: the study's"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="local worker processes; default: one per "
+                                          "GPU on a multi-GPU host, else 1"),
+    study: Optional[str] = typer.Option(None, "--study", help="study name (default <study>-<scale>)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: BOV_OPTUNA_STORAGE, "
+                                          "else sqlite under the runs dir); postgresql://... for many machines"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="reference steps of the compute-matched budget"),
+    heartbeat: int = typer.Option(30, "--heartbeat", help="seconds between trial heartbeats; a worker silent for "
+                                  "3x this is presumed dead and its cell is run again"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="run again cells that failed (e.g. diverged)"),
+    set_: Optional[List[str]] = SET,
+) -> None:
+    """Run (or continue) an Optuna study over one axis; every trial is an MLflow child run."""
+    from bov.data import DataError, check_source
+    from bov.sweep import format_table, load_sweep, run_sweep
+
+    if workers is None:
+        import torch
+
+        workers = max(1, torch.cuda.device_count())
+    try:
+        sw = load_sweep(name, scale=scale, seeds=_seeds(seeds), study=study, steps=steps, overrides=set_)
+        for data_cfg in {c.cfg.data.model_dump_json(): c.cfg.data for c in sw.cells}.values():
+            check_source(data_cfg)
+        result = run_sweep(sw, workers=workers, storage=storage, heartbeat=heartbeat, retry_failed=retry_failed,
+                           log=typer.echo)
+    except (ConfigError, DataError) as e:
+        fail(str(e))
+    typer.echo("")
+    typer.echo(format_table(result.table, sw.spec.metric, sw.spec.baseline_level))
+    typer.echo("")
+    typer.echo("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(result.trials.items())))
+    typer.echo(f"full results: MLflow experiment {result.name!r} at {result.tracking_uri} (make ui); "
+               f"Optuna study {result.name!r} at {result.storage} (make dashboard); "
+               f"table: {result.files[0]}")
+    if result.interrupted:
+        raise typer.Exit(130)
+    if not result.complete:
+        fail("the study is not complete (see failed trials above); re-run to continue", code=1)
+
+
+@app.command()
+def sweeps() -> None:
+    """List the studies under sweeps/."""
+    from bov.sweep import SWEEPS_DIR, list_sweeps
+
+    for name in list_sweeps():
+        first = (SWEEPS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()
+        typer.echo(f"{name:<22} {first}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -258,13 +258,19 @@ def run_training(
     parent_run_id: str | None = None,
     callbacks: list | None = None,
     log=print,
+    run_dir: Path | None = None,
+    on_run_start=None,
 ) -> dict[str, Any]:
-    """Train cfg to its budget; returns the summary dict (also written as final_metrics.json)."""
+    """Train cfg to its budget; returns the summary dict (also written as final_metrics.json).
+
+    `run_dir` (default `<runs>/train/<preset>-<variant>-<hash>`) holds checkpoints and run.json;
+    a sweep gives each cell its own. `on_run_start(run_id)` is called once the MLflow run exists.
+    """
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    run_dir = runs_dir() / "train" / run_key(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / "train" / run_key(cfg)
     state_path = run_dir / "run.json"
     ckpt = run_dir / "last.ckpt"
     is_zero = rank_zero_only.rank == 0
@@ -289,6 +295,8 @@ def run_training(
     if is_zero:
         run_id = _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_tags, parent_run_id)
         log(f"mlflow run {run_id} ({uri})")
+        if on_run_start is not None:
+            on_run_start(run_id)
 
     trainer = module = system = None
     status, error = "FAILED", None
@@ -355,6 +363,12 @@ def _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_t
     if resume and state_path.is_file():
         run_id = json.loads(state_path.read_text())["run_id"]
         client.update_run(run_id, status="RUNNING")
+        error = client.get_run(run_id).data.tags.get("error")
+        if error:  # the run goes on: keep why it stopped, but not as its error
+            client.set_tag(run_id, "resumed_after_error", error)
+            client.delete_tag(run_id, "error")
+        for k, v in (extra_tags or {}).items():  # e.g. the sweep trial that took the run over
+            client.set_tag(run_id, k, v)
         return run_id
     tags = {"variant": cfg.variant, "preset": cfg.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),
             "config_hash": cfg.config_hash(), "data_fingerprint": data.fingerprint, **(extra_tags or {})}

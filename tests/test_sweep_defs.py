@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
-
 from bov.config import list_variants, load_config
+from bov.sweep import load_sweep
 from conftest import VARIANTS
-
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
 
 def test_variants_sweep_covers_every_named_variant():
-    spec = yaml.safe_load((SWEEPS / "variants.yaml").read_text())
-    assert set(spec["levels"]) == set(list_variants()) == set(VARIANTS)
-    for level in spec["levels"]:
-        overrides = {"train.max_steps": None, **spec["budget"]}
-        cfg = load_config(spec["base"]["preset"], level, overrides)
-        assert cfg.train.max_flops == float(spec["budget"]["train.max_flops"])
+    sweep = load_sweep("variants")
+    assert set(sweep.levels) == set(list_variants()) == set(VARIANTS)
+    budget = sweep.cell("baseline", 0).cfg.train.max_flops
+    for level in sweep.levels:
+        cfg = sweep.cell(level, 0).cfg
+        named = load_config("tiny", level).model
+        assert cfg.variant == level and cfg.model == named  # each level is exactly the named variant
+        assert cfg.train.max_flops == budget  # compute-matched

@@ -1,0 +1,380 @@
+"""Sweeps: definitions, exactly-once cells under kills and parallel workers, failures, pruning, PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from bov.config import ConfigError
+from bov.model import GPT
+from bov.plan import resolve_bank_layers
+from bov.sweep import ClaimLock, StepPruning, format_table, list_sweeps, load_sweep, summarize
+
+BOV = [sys.executable, "-m", "bov.cli"]
+
+
+def env_with(runs: Path, **extra) -> dict:
+    env = dict(os.environ, BOV_RUNS_DIR=str(runs), BOV_PROGRESS="0", **extra)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("BOV_OPTUNA_STORAGE", None)
+    return env
+
+
+def write_sweep(tmp_path: Path, name="mini", **fields) -> Path:
+    spec = {"study": name, "base": {"preset": "micro", "variant": "bov"}, "axis": "model.bank_layers",
+            "levels": ["none", "last_third"], "baseline_level": "none", "seeds": [0, 1],
+            "budget": {"match": "flops"}, "sampler": "grid", "metric": "val/bpb", **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def all_runs(runs: Path, experiment: str) -> list:
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+
+
+def child_runs(runs: Path, experiment: str) -> list:
+    return [r for r in all_runs(runs, experiment) if r.data.tags.get("bov.role") != "sweep"]
+
+
+def study_of(runs: Path, name: str):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{runs / 'optuna.db'}")
+
+
+def assert_each_cell_once(runs: Path, name: str, cells: set):
+    trials = study_of(runs, name).get_trials()
+    done = [(t.params["level"], t.params["seed"]) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(done) == sorted(cells)  # every cell completed, none twice
+    children = child_runs(runs, name)
+    finished = [(r.data.tags["bov.level"], int(r.data.tags["bov.seed"])) for r in children if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(cells)
+    assert not [r for r in all_runs(runs, name) if r.info.status == "RUNNING"]
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(t.user_attrs["mlflow_run_id"])
+            assert run.data.tags["bov.level"] == t.params["level"]
+            assert run.data.tags["mlflow.parentRunId"] == study_of(runs, name).user_attrs["mlflow_parent_run_id"]
+            assert run.data.metrics["val/bpb"] == pytest.approx(t.value)
+    return trials
+
+
+# ----------------------------------------------------------------------------- definitions
+
+
+def test_every_sweep_definition_resolves_before_compute():
+    for name in list_sweeps():
+        sweep = load_sweep(name)
+        assert sweep.cells and sweep.name == f"{sweep.spec.study}-tiny"
+        budgets = {c.cfg.train.max_flops for c in sweep.cells}
+        assert len(budgets) == 1 and None not in budgets  # compute-matched: one FLOPs budget for every cell
+    assert {"bank_layers", "value_mode", "value_source", "value_coeff", "value_residual", "bank_init",
+            "bank_sharing", "variants", "table1", "component_ablation"} <= set(list_sweeps())
+
+
+def test_bank_layers_levels_are_distinct_layer_sets_and_budget_is_reference_steps():
+    sweep = load_sweep("bank_layers")
+    targets = [resolve_bank_layers(c.cfg.model.bank_layers, c.cfg.model.n_layers) for c in sweep.cells]
+    assert len(set(targets)) == len(targets) == 6
+    base = sweep.cell("none", 0).cfg
+    fpt = GPT(base.model).flops_per_token(base.model.seq_len)
+    tokens_per_step = base.train.batch_size * base.model.seq_len
+    assert base.train.max_flops == 150 * tokens_per_step * fpt
+
+
+def test_table1_and_component_ablation_have_the_papers_rows():
+    t1 = load_sweep("table1")
+    assert len(t1.levels) == 13
+    row2 = t1.cell("v_last_learned", 0).cfg.model
+    assert (row2.value_source, row2.bank_layers, row2.value_coeff) == ("own", "last_third", "learned")
+    row10 = t1.cell("v_plus_v1_fixed", 0).cfg.model
+    assert (row10.value_source, row10.value_mode, row10.value_coeff) == ("v1", "mixed", "fixed")
+    comp = load_sweep("component_ablation")
+    m = {lv: comp.cell(lv, 0).cfg.model for lv in comp.levels}
+    assert m["every_layer"].bank_layers == "all" and m["keep_v"].value_mode == "mixed"
+    assert m["fixed_coeff"].value_coeff == "fixed" and m["shared_table"].bank_sharing == "shared"
+
+
+def test_scale_seeds_and_study_overrides():
+    sweep = load_sweep("bank_layers", scale="micro", seeds=[3, 4], study="mine")
+    assert sweep.name == "mine" and sweep.seeds == [3, 4] and len(sweep.cells) == 12
+    assert {c.cfg.preset for c in sweep.cells} == {"micro"}
+    assert {c.cfg.train.seed for c in sweep.cells} == {3, 4}
+    base = sweep.cell("none", 3).cfg  # another scale uses its own steps (micro: 20) as the reference
+    assert base.train.max_flops == 20 * 4 * 64 * GPT(base.model).flops_per_token(64)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"levels": ["none", "every_third"]}, "level every_third: model.bank_layers: unknown level 'every_third'"),
+    ({"baseline_level": "nope"}, "baseline_level 'nope' is not a level"),
+    ({"sampler": "random"}, "sampler: Input should be 'grid' or 'tpe'"),
+    ({"levels": {"a": {"model.no_such_key": 1}}, "baseline_level": "a"}, "level a: unknown key model.no_such_key"),
+    ({"seeds": [0, 0]}, "seeds must be distinct"),
+])
+def test_bad_definitions_fail_in_one_line_naming_file_and_key(tmp_path, fields, message):
+    path = write_sweep(tmp_path, **fields)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(str(path))
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_axis_lists_the_available_ones(tmp_path):
+    out = subprocess.run([*BOV, "sweep", "bank_layerz"], capture_output=True, text=True, env=env_with(tmp_path / "r"))
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: unknown sweep 'bank_layerz'; available: bank_hparams,")
+    assert not (tmp_path / "r" / "optuna.db").exists()  # nothing created before the error
+
+
+def test_summary_table_numbers():
+    sweep = load_sweep(str(Path(__file__).parent / "../sweeps/bank_layers.yaml"), scale="micro", seeds=[0, 1, 2])
+    study = optuna.create_study()
+    values = {("none", 0): 2.0, ("none", 1): 2.2, ("none", 2): 2.1, ("last_third", 0): 1.9, ("last_third", 1): 2.0}
+    dist = {"level": optuna.distributions.CategoricalDistribution(sweep.levels),
+            "seed": optuna.distributions.CategoricalDistribution(sweep.seeds)}
+    for (level, seed), v in values.items():
+        study.add_trial(optuna.trial.create_trial(params={"level": level, "seed": seed}, distributions=dist, value=v,
+                                                  user_attrs={"tokens": 1e6, "epochs": 0.5}))
+    rows = {r["level"]: r for r in summarize(study, sweep)}
+    assert rows["none"]["runs"] == 3 and rows["none"]["mean"] == pytest.approx(2.1)
+    assert rows["none"]["std"] == pytest.approx(statistics.stdev([2.0, 2.2, 2.1]))
+    assert rows["last_third"]["delta"] == pytest.approx(1.95 - 2.1)
+    assert rows["all"]["runs"] == 0 and rows["all"]["mean"] is None
+    table = format_table(list(rows.values()), "val/bpb", "none")
+    assert "| last_third | 2 | 1.9500 | 0.0707 | -0.1500 | 1.00 |" in table
+    assert "epochs" not in table  # shown only when some cell repeated its data
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def _wait_for(predicate, timeout=120.0, what="condition"):
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_trial_then_rerun_completes_each_cell_once(tmp_path):
+    """The issue's integration test: 2 levels x 2 seeds on micro, SIGKILL mid-trial, re-run."""
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, budget={"steps": 150, "match": "flops"}, overrides={"train.ckpt_every": 25})
+    cmd = [*BOV, "sweep", str(path), "--heartbeat", "1"]
+    victim = runs / "sweeps" / "mini-micro" / "none-seed1" / "last.ckpt"
+    proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for(victim.is_file, what="a checkpoint of the second cell")
+        time.sleep(0.3)  # between checkpoints (every 25 steps): mid-trial
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    study = study_of(runs, "mini-micro")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "RUNNING"]  # the dead worker's trial
+
+    # A long heartbeat on the re-run: the dead local worker is recognized by its pid, not by waiting.
+    out = subprocess.run([*cmd[:-1], "600"], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(resuming)" in out.stdout  # the killed cell continued from its checkpoint
+    trials = assert_each_cell_once(runs, "mini-micro", {("none", 0), ("none", 1), ("last_third", 0), ("last_third", 1)})
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 4 + ["FAIL"]
+    lost = next(t for t in trials if t.state.name == "FAIL")
+    lost_run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(lost.user_attrs["mlflow_run_id"])
+    assert lost_run.info.status == "FINISHED" and "is gone" in lost_run.data.tags["resumed_after_error"]
+    assert len(child_runs(runs, "mini-micro")) == 4  # the resumed cell kept its MLflow run: no duplicate
+    parent = [r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert "| last_third | 2 |" in out.stdout and "delta vs none" in out.stdout
+
+    again = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "[trial" not in again.stdout  # a finished study runs nothing
+    assert len(study_of(runs, "mini-micro").get_trials()) == 5
+
+
+def test_stale_heartbeat_fails_the_trial_and_kills_its_mlflow_run(tmp_path):
+    """The many-machine path: a worker elsewhere stopped heartbeating; its trial fails, its run ends KILLED."""
+    from bov.sweep import open_storage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.set_user_attr("mlflow_tracking_uri", uri)
+    trial = study.ask()
+    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("host", "another-machine")
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(4.5)  # past the grace period of 3 heartbeats
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state.name == "FAIL"
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "no heartbeat" in run.data.tags["error"]
+
+
+def test_two_workers_share_a_grid_without_running_a_cell_twice(tmp_path):
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, levels=["none", "last_third", "all"], seeds=[0, 1])
+    out = subprocess.run([*BOV, "sweep", str(path), "--workers", "2", "--heartbeat", "2"], env=env_with(runs),
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[worker 0]" in out.stdout and "[worker 1]" in out.stdout
+    cells = {(lv, s) for lv in ("none", "last_third", "all") for s in (0, 1)}
+    trials = assert_each_cell_once(runs, "mini-micro", cells)
+    assert len(trials) == 6 and len(child_runs(runs, "mini-micro")) == 6
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers ran cells
+
+
+def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
+    runs = tmp_path / "runs"
+    blow = {"train.lr_matrix": 1e30, "train.lr_embedding": 1e30, "train.lr_unembedding": 1e30,
+            "train.grad_clip": None, "tracking.log_every": 1}
+    path = write_sweep(tmp_path, axis="lr", levels={"ok": {}, "huge": blow}, baseline_level="ok", seeds=[0])
+    out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trials = {t.params["level"]: t for t in study_of(runs, "mini-micro").get_trials()}
+    assert trials["ok"].state.name == "COMPLETE"
+    assert trials["huge"].state.name == "FAIL" and "train loss is nan" in trials["huge"].user_attrs["bov.error"]
+    run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(trials["huge"].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "nan" in run.data.tags["error"]
+    assert "| huge | 0 | 1 |" in out.stdout  # the table counts the failure
+    again = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    assert "[trial" not in again.stdout  # a diverged cell is final unless --retry-failed
+
+
+def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, seeds=[0], budget={"steps": 150, "match": "flops"}, overrides={"train.ckpt_every": 25})
+    cmd = [*BOV, "sweep", str(path), "--heartbeat", "1"]
+    proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for((runs / "sweeps" / "mini-micro" / "none-seed0" / "last.ckpt").is_file, what="a checkpoint")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "interrupted" in out
+    runs_now = all_runs(runs, "mini-micro")
+    assert sorted(r.info.status for r in runs_now) == ["KILLED", "KILLED"]  # the trial's run and the parent
+    rerun = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "(resuming)" in rerun.stdout
+    assert_each_cell_once(runs, "mini-micro", {("none", 0), ("last_third", 0)})
+
+
+def test_step_pruning_reports_at_global_step_and_stops(tmp_path, monkeypatch):
+    from bov.config import load_config
+    from bov.train import run_training
+
+    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("BOV_PROGRESS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any bpb > 0 is pruned
+    trial = study.ask()
+    cfg = load_config("micro", "bov", {"train.max_steps": 40, "train.val_every": 10})
+    pruning = StepPruning(trial, "val/bpb")
+    summary = run_training(cfg, callbacks=[pruning.callback], log=lambda *_: None)
+    assert pruning.pruned_at == 10 and summary["steps"] == 10  # stopped at the first validation
+    assert list(study.trials[0].intermediate_values) == [10]
+    assert study.trials[0].intermediate_values[10] == pytest.approx(summary["val_bpb"])
+
+
+def test_tpe_study_runs_its_trials(tmp_path):
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, name="hp", axis="hparams", sampler="tpe", n_trials=3, levels=[], baseline_level=None,
+                       seeds=[0], space={"train.lr_bank": {"low": 1e-3, "high": 1e-1, "log": True}},
+                       pruner={"n_startup_trials": 1, "n_warmup_steps": 5})
+    out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trials = study_of(runs, "hp-micro").get_trials()
+    assert len(trials) == 3 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    for t in trials:
+        run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(t.user_attrs["mlflow_run_id"])
+        assert float(run.data.params["train.lr_bank"]) == pytest.approx(t.params["train.lr_bank"])
+
+
+def test_sqlite_claim_lock_excludes_a_second_holder(tmp_path):
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    code = ("import sys,time; from bov.sweep import ClaimLock; l=ClaimLock(sys.argv[1],'s'); l.acquire(); "
+            "print('got', flush=True); time.sleep(1.5); l.release()")
+    holder = subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "got"
+    t0 = time.time()
+    with ClaimLock(url, "s"):
+        waited = time.time() - t0
+    holder.wait(10)
+    assert waited > 0.8
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bin() -> Path | None:
+    for cand in [os.environ.get("PG_BIN")] + sorted(str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")):
+        if cand and (Path(cand) / "initdb").is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A real PostgreSQL server (Debian package), on a free localhost port; skipped where unavailable."""
+    pytest.importorskip("psycopg")
+    pg = _pg_bin()
+    if pg is None and os.geteuid() == 0 and subprocess.run(["which", "apt-get"], capture_output=True).returncode == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], capture_output=True, timeout=600)
+        pg = _pg_bin()
+    if pg is None:
+        pytest.skip("PostgreSQL (Debian package postgresql) is not installed and could not be installed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="bov-pg-"))  # outside pytest's 0700 tmp dirs: the server user must reach it
+    data = root / "data"
+    data.mkdir()
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        if subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root and no postgres user to run the server as")
+        subprocess.run(["chown", "-R", "postgres", str(root)], check=True)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_storage_two_workers_run_each_cell_once(tmp_path, postgres):
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, seeds=[0])
+    out = subprocess.run([*BOV, "sweep", str(path), "--workers", "2", "--storage", postgres, "--heartbeat", "2"],
+                         env=env_with(runs), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    study = optuna.load_study(study_name="mini-micro", storage=postgres.replace("postgresql://", "postgresql+psycopg://"))
+    trials = study.get_trials()
+    done = sorted((t.params["level"], t.params["seed"]) for t in trials if t.state.name == "COMPLETE")
+    assert done == [("last_third", 0), ("none", 0)] and len(trials) == 2, (
+        [(t.number, t.state.name, t.params, t.user_attrs.get("pid"), t.datetime_start) for t in trials], out.stdout)
+    assert not (runs / "optuna.db").exists()  # the study lived on the server
+    with ClaimLock(postgres.replace("postgresql://", "postgresql+psycopg://"), "x") as lock:
+        assert lock._conn is not None  # an advisory lock on the server, not a file
+    assert len(child_runs(runs, "mini-micro")) == 2

@@ -18,7 +18,7 @@ SWEEP_ARGS = $(if $(SCALE),--scale $(SCALE)) $(if $(SEEDS),--seeds $(SEEDS)) $(i
              $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE)) $(if $(BUDGET_STEPS),--steps $(BUDGET_STEPS))
 OPTUNA_STORAGE = $(or $(STORAGE),$(BOV_OPTUNA_STORAGE),sqlite:///$(abspath $(RUNS))/optuna.db)
 
-.PHONY: install test test-slow describe train sweep sweeps ui dashboard bench clean
+.PHONY: install test test-slow describe train sweep sweeps figures ui dashboard bench clean
 
 install: $(STAMP)
 
@@ -44,13 +44,19 @@ describe: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/bov train --preset $(PRESET) --variant $(VARIANT)
 
-## The main job: an Optuna study over one axis (default bank_layers: about 15 min on 2 CPU cores).
+## The main job: an Optuna study over one axis (default bank_layers: 15 min on 2 CPU cores, measured).
 ## Re-running continues it; AXIS= picks another study under sweeps/ (`make sweeps` lists them).
 sweep: $(STAMP)
 	$(VENV)/bin/bov sweep $(AXIS) $(SWEEP_ARGS)
 
 sweeps: $(STAMP)
 	$(VENV)/bin/bov sweeps
+
+## Tables and figures for every sweep in the MLflow store (STUDY= picks one): analysis/ notebooks,
+## executed headlessly into results/<study>/; installs nbclient + ipykernel on first use.
+figures: $(STAMP)
+	$(PY) -c "import nbclient, ipykernel" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e '.[notebooks]'
+	$(VENV)/bin/bov figures $(if $(STUDY),--study $(STUDY))
 
 ## Optuna dashboard on the study storage (http://127.0.0.1:8080); installs optuna-dashboard on first use.
 dashboard: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -139,7 +140,7 @@ def sweep(
 ) -> None:
     """Run (or continue) an Optuna study over one axis; every trial is an MLflow child run."""
     from bov.data import DataError, check_source
-    from bov.sweep import format_table, load_sweep, run_sweep
+    from bov.sweep import format_summary, load_sweep, run_sweep
 
     if workers is None:
         import torch
@@ -154,7 +155,7 @@ def sweep(
     except (ConfigError, DataError) as e:
         fail(str(e))
     typer.echo("")
-    typer.echo(format_table(result.table, sw.spec.metric, sw.spec.baseline_level))
+    typer.echo(format_summary(result.table, sw))
     typer.echo("")
     typer.echo("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(result.trials.items())))
     typer.echo(f"full results: MLflow experiment {result.name!r} at {result.tracking_uri} (make ui); "
@@ -164,6 +165,52 @@ def sweep(
         raise typer.Exit(130)
     if not result.complete:
         fail("the study is not complete (see failed trials above); re-run to continue", code=1)
+
+
+@app.command()
+def figures(
+    study: Optional[List[str]] = typer.Option(None, "--study", help="an MLflow experiment holding a sweep "
+                                              "(repeatable); default: every sweep in the store"),
+    script: bool = typer.Option(False, "--script", help="run the notebooks as plain scripts (no executed .ipynb)"),
+) -> None:
+    """Run the analysis notebooks headlessly: tables and figures (and executed notebooks) under results/."""
+    import os
+
+    from bov import analysis as A
+    from bov.paths import runs_dir, tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
+        fail(f"no MLflow store at {uri}; run `make sweep` first (or set MLFLOW_TRACKING_URI)")
+    names = study or A.sweep_experiments(uri)
+    if not names:
+        fail(f"no sweep in the MLflow store {uri}; run `make sweep` first (or pass --study)")
+    execute = not script and A.can_execute_notebooks()
+    results = A.results_dir().resolve()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, BOV_RESULTS_DIR=str(results), BOV_RUNS_DIR=str(runs_dir()),
+               MPLBACKEND="Agg")
+    jobs = []
+    for name in names:
+        try:
+            loaded = A.load_study(name, uri)
+        except ValueError as e:
+            fail(str(e))
+        if loaded.runs.empty:
+            if study:
+                fail(f"study {name!r} has no finished runs yet; run its sweep first")
+            typer.echo(f"{name}: no finished runs yet, skipped")
+            continue
+        jobs.append((name, A.notebook_for(loaded.definition), results / name))
+    jobs.append(("vcache_memory", A.NOTEBOOKS / "vcache_memory.py", results / "vcache_memory"))
+    for name, notebook, out in jobs:
+        typer.echo(f"{name}: analysis/{notebook.name} -> {out}")
+        try:
+            A.run_notebook(notebook, out, {**env, "BOV_STUDY": name}, execute)
+        except RuntimeError as e:
+            fail(f"{name}: {e}", code=1)
+    for _, _, out in jobs:
+        files = sorted(p.name for p in out.glob("*") if p.is_file())
+        typer.echo(f"written: {out}/ ({', '.join(files)})")
 
 
 @app.command()

@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import math
 import os
 import socket
-import statistics
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -631,7 +629,7 @@ class SweepResult:
     parent_run_id: str
     complete: bool
     interrupted: bool
-    table: list[dict[str, Any]]
+    table: Any  # pandas DataFrame (see summarize)
     trials: dict[str, int]
     files: list[Path]
 
@@ -741,6 +739,7 @@ def _create_parent(sweep: Sweep, client, experiment_id: str, storage_url: str) -
 
     params = {"axis": spec.axis, "levels": ",".join(sweep.levels), "seeds": ",".join(map(str, sweep.seeds)),
               "sampler": spec.sampler, "metric": spec.metric, "preset": sweep.preset,
+              "baseline_level": spec.baseline_level or "-",
               "budget": ", ".join(f"{k}={v:g}" for k, v in sweep.cells[0].overrides.items()
                                   if k in BUDGET_KEYS and v is not None)}
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
@@ -751,80 +750,54 @@ def _create_parent(sweep: Sweep, client, experiment_id: str, storage_url: str) -
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize(study, sweep: Sweep) -> list[dict[str, Any]]:
-    """Per level: completed seeds, mean and std of the metric, delta vs the baseline level."""
+def summarize(study, sweep: Sweep):
+    """A DataFrame: per grid level, bov.analysis.compare over the completed trials (seeds, mean, std,
+    delta vs the baseline level with its interval, tokens, epochs) plus a count of failed cells;
+    for TPE, the ten best trials."""
+    import pandas as pd
     from optuna.trial import TrialState
 
+    from bov.analysis import compare
+
+    metric = sweep.spec.metric
     trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
     if sweep.spec.sampler == "tpe":
-        done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-        return [{"level": f"trial{t.number}", **{k: _fmt_num(v) for k, v in t.params.items()},
-                 "runs": 1, "mean": t.value, "std": None, "delta": None,
-                 "tokens_M": t.user_attrs.get("tokens", 0) / 1e6, "epochs": t.user_attrs.get("epochs")}
-                for t in done[:10]]
-    rows = []
-    for level in sweep.levels:
-        ts = [t for t in trials if t.state == TrialState.COMPLETE and _cell_of(t) and _cell_of(t)[0] == level]
-        failed = len({_cell_of(t) for t in trials if t.state == TrialState.FAIL and _cell_of(t)
-                      and _cell_of(t)[0] == level and t.user_attrs.get("bov.final_failure")})
-        vals = [t.value for t in ts]
-        rows.append({
-            "level": level, "runs": len(vals), "failed": failed,
-            "mean": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) > 1 else None,
-            "tokens_M": statistics.fmean(t.user_attrs.get("tokens", 0) for t in ts) / 1e6 if ts else None,
-            "epochs": max((t.user_attrs.get("epochs", 0) for t in ts), default=None),
-        })
-    base = next((r for r in rows if r["level"] == sweep.spec.baseline_level), None)
-    for r in rows:
-        r["delta"] = (r["mean"] - base["mean"]) if base and base["mean"] is not None and r["mean"] is not None else None
-    return rows
+        best = sorted(done, key=lambda t: t.value)[:10]
+        return pd.DataFrame([{"trial": t.number, **t.params, metric: t.value,
+                              "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs")} for t in best])
+    runs = pd.DataFrame([{"level": _cell_of(t)[0], "seed": _cell_of(t)[1], metric: t.value,
+                          "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs")}
+                         for t in done if _cell_of(t)], columns=["level", "seed", metric, "tokens", "epochs"])
+    table = compare(runs, baseline=sweep.spec.baseline_level, metric=metric, order=sweep.levels)
+    table = table.set_index("level").reindex(sweep.levels).rename_axis("level").reset_index()  # levels yet to run too
+    table["runs"] = table["runs"].fillna(0).astype(int)
+    failed = {_cell_of(t) for t in trials if t.state == TrialState.FAIL and _cell_of(t) and t.user_attrs.get("bov.final_failure")}
+    table["failed"] = [sum(c[0] == lv for c in failed) for lv in table["level"]]
+    return table
 
 
-def _fmt_num(v: Any) -> Any:
-    return float(f"{v:.4g}") if isinstance(v, float) else v
+def format_summary(table, sweep: Sweep) -> str:
+    """The summary as Markdown: bov.analysis.format_table's columns, a failed column when some cell failed."""
+    from bov.analysis import format_table
 
-
-def format_table(rows: list[dict[str, Any]], metric: str, baseline: str | None) -> str:
-    """A Markdown table; the epochs column appears only when some run repeated data."""
-    if not rows:
+    if table.empty:
         return "(no completed trials)"
-    show_epochs = any((r.get("epochs") or 0) > 1 for r in rows)
-    fixed = ["level", "runs", "failed", "mean", "std", "delta", "tokens_M", "epochs"]
-    extra = [k for k in rows[0] if k not in fixed]
-    cols = ["level", *extra, "runs"] + (["failed"] if any(r.get("failed") for r in rows) else [])
-    cols += ["mean", "std"] + (["delta"] if baseline else []) + ["tokens_M"] + (["epochs"] if show_epochs else [])
-    names = {"mean": f"{metric} mean", "std": "std", "delta": f"delta vs {baseline}", "tokens_M": "tokens (M)"}
-
-    def cell(r, c):
-        v = r.get(c)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "-"
-        if c == "delta":
-            return f"{v:+.4f}"
-        if c in ("mean", "std"):
-            return f"{v:.4f}"
-        if c in ("tokens_M", "epochs"):
-            return f"{v:.2f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(names.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
-    if show_epochs:
-        lines.append("\nNote: some cells saw their training data more than once (epochs > 1).")
-    return "\n".join(lines)
+    if sweep.spec.sampler == "tpe":
+        return table.to_markdown(index=False, floatfmt=".4g")
+    shown = format_table(table, metric=sweep.spec.metric, baseline=sweep.spec.baseline_level)
+    if table["failed"].any():
+        shown.insert(2, "failed", table["failed"])
+    text = shown.to_markdown(index=False, disable_numparse=True)
+    if "epochs" in table and (table["epochs"] > 1).any():
+        text += "\n\nNote: some cells saw their training data more than once (epochs > 1)."
+    return text
 
 
-def write_summary(rows: list[dict[str, Any]], sweep: Sweep) -> list[Path]:
-    import csv
-
+def write_summary(table, sweep: Sweep) -> list[Path]:
     out = runs_dir() / "sweeps" / sweep.name
     out.mkdir(parents=True, exist_ok=True)
-    md, cs = out / "summary.md", out / "summary.csv"
-    md.write_text(f"# {sweep.name}\n\n{format_table(rows, sweep.spec.metric, sweep.spec.baseline_level)}\n")
-    if rows:
-        with cs.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    return [md, cs]
+    md, csv = out / "summary.md", out / "summary.csv"
+    md.write_text(f"# {sweep.name}\n\n{format_summary(table, sweep)}\n")
+    table.to_csv(csv, index=False)
+    return [md, csv]

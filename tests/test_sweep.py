@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -19,7 +19,7 @@ import yaml
 from bov.config import ConfigError
 from bov.model import GPT
 from bov.plan import resolve_bank_layers
-from bov.sweep import ClaimLock, StepPruning, format_table, list_sweeps, load_sweep, summarize
+from bov.sweep import ClaimLock, StepPruning, format_summary, list_sweeps, load_sweep, summarize
 
 BOV = [sys.executable, "-m", "bov.cli"]
 
@@ -145,14 +145,23 @@ def test_summary_table_numbers():
     for (level, seed), v in values.items():
         study.add_trial(optuna.trial.create_trial(params={"level": level, "seed": seed}, distributions=dist, value=v,
                                                   user_attrs={"tokens": 1e6, "epochs": 0.5}))
-    rows = {r["level"]: r for r in summarize(study, sweep)}
-    assert rows["none"]["runs"] == 3 and rows["none"]["mean"] == pytest.approx(2.1)
-    assert rows["none"]["std"] == pytest.approx(statistics.stdev([2.0, 2.2, 2.1]))
-    assert rows["last_third"]["delta"] == pytest.approx(1.95 - 2.1)
-    assert rows["all"]["runs"] == 0 and rows["all"]["mean"] is None
-    table = format_table(list(rows.values()), "val/bpb", "none")
-    assert "| last_third | 2 | 1.9500 | 0.0707 | -0.1500 | 1.00 |" in table
-    assert "epochs" not in table  # shown only when some cell repeated its data
+    study.add_trial(optuna.trial.create_trial(params={"level": "all", "seed": 0}, distributions=dist,
+                                              state=optuna.trial.TrialState.FAIL, user_attrs={"bov.final_failure": True}))
+    table = summarize(study, sweep)
+    rows = table.set_index("level")
+    assert list(table["level"]) == sweep.levels  # every level, in the sweep's order, run or not
+    assert rows.loc["none", "runs"] == 3 and rows.loc["none", "val/bpb mean"] == pytest.approx(2.1)
+    assert rows.loc["none", "val/bpb std"] == pytest.approx(statistics.stdev([2.0, 2.2, 2.1]))
+    assert rows.loc["last_third", "delta"] == pytest.approx(1.95 - 2.1)
+    assert rows.loc["last_third", "ci_method"].startswith("bootstrap")  # seeds {0, 1} vs {0, 1, 2}
+    assert rows.loc["all", "runs"] == 0 and rows.loc["all", "failed"] == 1
+    text = format_summary(table, sweep)
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+             if line.startswith("|")}
+    assert lines["level"][:4] == ["seeds", "failed", "val/bpb", "Δ vs none (95% CI)"]
+    assert lines["last_third"][:3] == ["2", "0", "1.9500 ± 0.0707"] and lines["last_third"][3].startswith("-0.1500 [")
+    assert lines["all"][:4] == ["0", "1", "-", "-"]
+    assert "more than once" not in text  # said only when some cell repeated its data
 
 
 # ----------------------------------------------------------------------------- execution
@@ -195,7 +204,7 @@ def test_sigkill_mid_trial_then_rerun_completes_each_cell_once(tmp_path):
     assert len(child_runs(runs, "mini-micro")) == 4  # the resumed cell kept its MLflow run: no duplicate
     parent = [r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    assert "| last_third | 2 |" in out.stdout and "delta vs none" in out.stdout
+    assert re.search(r"\| last_third\s+\| 2\s+\|", out.stdout) and "Δ vs none (95% CI)" in out.stdout
 
     again = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "[trial" not in again.stdout  # a finished study runs nothing
@@ -248,7 +257,7 @@ def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
     assert trials["huge"].state.name == "FAIL" and "train loss is nan" in trials["huge"].user_attrs["bov.error"]
     run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(trials["huge"].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "nan" in run.data.tags["error"]
-    assert "| huge | 0 | 1 |" in out.stdout  # the table counts the failure
+    assert re.search(r"\| huge\s+\| 0\s+\| 1\s+\|", out.stdout)  # the table counts the failure
     again = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
     assert "[trial" not in again.stdout  # a diverged cell is final unless --retry-failed
 

@@ -1,0 +1,30 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # BoV's components, removed one at a time (the paper's Figure 5b)
+#
+# Every layer instead of the last third, keeping V (add instead of replace), a fixed
+# coefficient, one table shared by all target layers; deltas are against BoV itself.
+# Parameters: `BOV_STUDY` (default `component_ablation-tiny`), `MLFLOW_TRACKING_URI`,
+# `BOV_RESULTS_DIR`.
+
+# %%
+import os
+
+from bov import analysis as A
+
+STUDY = os.environ.get("BOV_STUDY", "component_ablation-tiny")
+TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+OUT = A.results_dir() / STUDY
+
+study = A.load_study(STUDY, TRACKING_URI)
+out = A.report(study, OUT, TRACKING_URI, highlight="bov")
+out["shown"]

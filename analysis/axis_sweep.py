@@ -17,16 +17,10 @@
 # (default: the embedded store under the runs dir), `BOV_RESULTS_DIR` (default `results`).
 
 # %%
-import os
-
 from bov import analysis as A
 
-STUDY = os.environ.get("BOV_STUDY", "bank_layers-tiny")
-TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-OUT = A.results_dir() / STUDY
-
-study = A.load_study(STUDY, TRACKING_URI)
-print(f"{STUDY}: axis {study.axis}, levels {study.levels}, baseline {study.baseline}, {len(study.runs)} finished runs")
+study, OUT, TRACKING_URI = A.study_from_environment("bank_layers-tiny")
+print(f"{study.name}: axis {study.axis}, levels {study.levels}, baseline {study.baseline}, {len(study.runs)} finished runs")
 
 # %% [markdown]
 # ## Table: mean ± std over seeds, delta vs the baseline with a 95% interval

@@ -17,14 +17,8 @@
 # `BOV_RESULTS_DIR`.
 
 # %%
-import os
-
 from bov import analysis as A
 
-STUDY = os.environ.get("BOV_STUDY", "component_ablation-tiny")
-TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-OUT = A.results_dir() / STUDY
-
-study = A.load_study(STUDY, TRACKING_URI)
+study, OUT, TRACKING_URI = A.study_from_environment("component_ablation-tiny")
 out = A.report(study, OUT, TRACKING_URI, highlight="bov")
 out["shown"]

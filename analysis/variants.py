@@ -17,15 +17,9 @@
 # `MLFLOW_TRACKING_URI`, `BOV_RESULTS_DIR`.
 
 # %%
-import os
-
 from bov import analysis as A
 
-STUDY = os.environ.get("BOV_STUDY", "variants-tiny")
-TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-OUT = A.results_dir() / STUDY
-
-study = A.load_study(STUDY, TRACKING_URI)
+study, OUT, TRACKING_URI = A.study_from_environment("variants-tiny")
 
 # %% [markdown]
 # ## Table and the paper's Figure 4 (validation BPB against tokens and FLOPs)
@@ -43,6 +37,6 @@ out["shown"]
 # %%
 coeffs = A.coefficients(study.runs)
 learned = [lv for lv in study.levels if lv in set(coeffs["level"])]
-fig = A.plot_coefficients(coeffs, order=learned, title=f"{STUDY}: learned value coefficients")
+fig = A.plot_coefficients(coeffs, order=learned, title=f"{study.name}: learned value coefficients")
 files = A.save(fig, OUT, "coefficients")
 coeffs.pivot_table(index=["level", "coeff"], columns="layer", values="value")

@@ -124,6 +124,14 @@ def _derive(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def study_from_environment(default: str) -> tuple[Study, Path, str | None]:
+    """A notebook's parameters: the study `BOV_STUDY` (else `default`), loaded from `MLFLOW_TRACKING_URI`
+    (else the embedded store), and its output folder `<BOV_RESULTS_DIR>/<study>`."""
+    name = os.environ.get("BOV_STUDY", default)
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return load_study(name, uri), results_dir() / name, uri
+
+
 def load_study(name: str, tracking_uri: str | None = None) -> Study:
     """A sweep's finished trial runs plus its definition, read from its MLflow parent run."""
     import mlflow

@@ -14,7 +14,8 @@ or a shared server.
   both levels ran the same seeds, bootstrap of the mean difference otherwise,
   none for a single seed), parameters, FLOPs per token, tokens, epochs, tokens/s.
 * `write_table`: Markdown, CSV and LaTeX. Figures: `plot_curves` (BPB against
-  tokens or FLOPs, seed bands), `plot_coefficients`, `plot_axis`, `plot_vcache`.
+  tokens or FLOPs, seed bands), `plot_coefficients`, `plot_axis`, `plot_epochs`,
+  `plot_vcache`.
 """
 
 from __future__ import annotations
@@ -115,10 +116,14 @@ def _derive(df: pd.DataFrame) -> pd.DataFrame:
         df["tokens"] = df["budget.tokens"]
     if "budget.flops_per_token" in df:
         df["flops_per_token"] = df["budget.flops_per_token"].astype(float)
-    if "tokens" in df and "data.train_tokens" in df:
-        df["epochs"] = df["tokens"] / df["data.train_tokens"].astype(float)
+    unique = df["data.train_tokens"].astype(float) if "data.train_tokens" in df else None
+    if "regime.unique_tokens" in df:  # what the run could read: a prefix with data.max_unique_tokens
+        unique = df["regime.unique_tokens"].astype(float).fillna(unique) if unique is not None else df["regime.unique_tokens"]
+    if "tokens" in df and unique is not None:
+        df["epochs"] = df["tokens"] / unique
     if "tokens" in df and "params" in df:
         df["tokens_per_param"] = df["tokens"] / df["params"]
+        df["tokens_per_param_non_embedding"] = df["tokens"] / df["params_non_embedding"]
     if "throughput/tokens_per_s" in df:
         df["tokens_per_s"] = df["throughput/tokens_per_s"]
     return df
@@ -257,7 +262,7 @@ def compare(runs: pd.DataFrame, by: str = "level", baseline: str | None = None, 
                 d, lo, hi, how = _interval(vals, base, confidence, n_boot, seed)
                 row.update(delta=d, ci_low=lo, ci_high=hi, ci_method=how)
         for col in ("params", "params_non_embedding", "params.bank", "flops_per_token", "tokens", "epochs",
-                    "tokens_per_param", "tokens_per_s"):
+                    "tokens_per_param", "tokens_per_param_non_embedding", "tokens_per_s"):
             if col in g:
                 row[col] = g[col].mean()
         rows.append(row)
@@ -301,6 +306,7 @@ def format_table(table: pd.DataFrame, by: str = "level", metric: str = "val/bpb"
     for col, name, fmt in (("params", "params", _si), ("params.bank", "bank params", _si),
                            ("flops_per_token", "FLOPs/token", lambda v: f"{v:.3e}"), ("tokens", "tokens", _si),
                            ("epochs", "epochs", lambda v: f"{v:.2f}"), ("tokens_per_param", "tokens/param", lambda v: f"{v:.2f}"),
+                           ("tokens_per_param_non_embedding", "tokens/param w/o tables", lambda v: f"{v:.2f}"),
                            ("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}")):
         if col in table and table[col].notna().any():
             out[name] = [fmt(v) if not pd.isna(v) else "-" for v in table[col]]
@@ -416,6 +422,30 @@ def plot_axis(runs: pd.DataFrame, by: str = "level", metric: str = "val/bpb", or
     ax.set_xlabel(xlabel or by)
     ax.set_ylabel(f"validation {metric.split('/')[-1]}")
     ax.tick_params(axis="x", rotation=30)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_epochs(runs: pd.DataFrame, metric: str = "val/bpb", hue: str = "variant", order: Sequence[str] | None = None,
+                title: str = ""):
+    """The metric against epochs over the training data, one line per variant (± one std over seeds).
+
+    Compute is fixed; fewer unique tokens means more epochs. A bank's tables can memorize what
+    a parameter-free source cannot (shared/spec section 7).
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    order = [v for v in (order or sorted(runs[hue].unique())) if v in set(runs[hue])]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=runs, x="epochs", y=metric, hue=hue, hue_order=order, errorbar="sd", marker="o", ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epochs over the unique training tokens (fixed compute)")
+    ax.set_ylabel(f"validation {metric.split('/')[-1]}")
+    ax.legend(fontsize=8, title=None)
     if title:
         ax.set_title(title)
     fig.tight_layout()

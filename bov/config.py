@@ -26,6 +26,13 @@ BANK_RULES: tuple[str, ...] = BankRule.__args__  # type: ignore[attr-defined]
 GATE_CHANNELS = 12  # value-embedding gate reads x[..., :12] (modded-nanogpt / nanochat)
 
 
+def _positive_float(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 class ConfigError(ValueError):
     """A configuration problem, always reported as one line naming the key."""
 
@@ -156,6 +163,18 @@ class DataConfig(_Section):
     val_source: str | None = None  # a separate validation corpus; else a document-level split
     max_docs: int | None = Field(None, ge=1)
     num_proc: int = Field(2, ge=1)
+    # Train only on the first N tokens of the training stream, repeated as the budget needs:
+    # a count, or "0.5x" = half the tokens the run trains on (repetition at fixed compute).
+    max_unique_tokens: Union[int, str, None] = None
+
+    @field_validator("max_unique_tokens")
+    @classmethod
+    def _unique(cls, v: Any) -> Any:
+        if isinstance(v, str) and not (v.endswith("x") and _positive_float(v[:-1])):
+            raise ValueError(f"{v!r} is neither a token count nor a fraction of the tokens trained like 0.5x")
+        if isinstance(v, int) and v < 2:
+            raise ValueError(f"{v} must be at least 2 tokens")
+        return v
 
 
 class TrainConfig(_Section):

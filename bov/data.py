@@ -374,13 +374,15 @@ class TrainWindows(torch.utils.data.IterableDataset):
     step s starts at sample s * batch * accum * world, and ranks take disjoint slices.
     """
 
-    def __init__(self, stream: TokenStream, seq_len: int, seed: int, start: int, rank: int, world: int, batch: int):
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int, start: int, rank: int, world: int, batch: int,
+                 unique_tokens: int | None = None):
         super().__init__()
         self.stream, self.T, self.seed = stream, seq_len, seed
         self.start, self.rank, self.world, self.batch = start, rank, world, batch
-        self.n_windows = (stream.n_tokens - 1) // seq_len
+        n = min(unique_tokens or stream.n_tokens, stream.n_tokens)  # data.max_unique_tokens: a prefix only
+        self.n_windows = (n - 1) // seq_len
         if self.n_windows < 1:
-            raise DataError(f"data.source: {stream.n_tokens} training tokens is fewer than one window of {seq_len + 1}")
+            raise DataError(f"data.source: {n} training tokens is fewer than one window of {seq_len + 1}")
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def window(self, k: int) -> int:
@@ -422,9 +424,9 @@ class ValWindows(torch.utils.data.Dataset):
 class TokenDataModule(pl.LightningDataModule):
     """Train/val loaders over prepared streams; the train position follows trainer.global_step."""
 
-    def __init__(self, cfg: ExperimentConfig, data: PreparedData):
+    def __init__(self, cfg: ExperimentConfig, data: PreparedData, unique_tokens: int | None = None):
         super().__init__()
-        self.cfg, self.data = cfg, data
+        self.cfg, self.data, self.unique_tokens = cfg, data, unique_tokens
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
@@ -434,7 +436,7 @@ class TokenDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         step = self.trainer.global_step if self.trainer is not None else 0  # restored before loaders on resume
         ds = TrainWindows(self.data.train, self.cfg.model.seq_len, self.cfg.train.seed,
-                          step * self.cfg.train.grad_accum, rank, world, self.cfg.train.batch_size)
+                          step * self.cfg.train.grad_accum, rank, world, self.cfg.train.batch_size, self.unique_tokens)
         return torch.utils.data.DataLoader(ds, batch_size=self.cfg.train.batch_size, num_workers=0)
 
     def val_dataloader(self):

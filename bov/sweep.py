@@ -167,6 +167,8 @@ def load_sweep(
         steps = steps or spec.budget.steps
     sweep = Sweep(study or f"{spec.study}-{preset}", spec, path, preset, overrides=parse_flat(overrides))
     levels = _levels(spec, path)
+    if bad := [lv for lv in levels if "/" in lv or lv.startswith(".")]:  # each level gets a folder
+        raise ConfigError(f"{path}: level {bad[0]!r}: a level name cannot contain '/' or start with '.'")
     if spec.baseline_level is not None and spec.baseline_level not in levels:
         raise ConfigError(f"{path}: baseline_level {spec.baseline_level!r} is not a level ({', '.join(levels)})")
 
@@ -640,8 +642,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     import mlflow
     import optuna
 
-    from bov.data import prepare
-    from bov.train import ensure_experiment
+    from bov.data import DataError, prepare
+    from bov.train import data_regime, ensure_experiment
 
     if workers < 1:
         raise ConfigError(f"workers must be >= 1 (got {workers})")
@@ -653,9 +655,19 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     _quiet()
     st = open_storage(url, heartbeat)
 
-    # data once, here, so that workers only read caches (the largest budget of any cell)
-    for data_cfg in {c.cfg.data.model_dump_json(): c.cfg for c in sweep.cells}.values():
-        prepare(data_cfg, stream_tokens=_max_tokens(sweep) + data_cfg.model.seq_len + 1, log=log)
+    # data once, here, so that workers only read caches (the largest budget of any cell); and every
+    # cell's data regime (data.max_unique_tokens against the stream) checked before any training
+    shapes = _budgets(sweep)
+    most = max(b.tokens for b, _ in shapes)
+    prepared: dict[str, Any] = {}
+    for c, (budget, params) in zip(sweep.cells, shapes):
+        key = c.cfg.data.model_dump_json(exclude={"max_unique_tokens"})  # a prefix of the same streams
+        if key not in prepared:
+            prepared[key] = prepare(c.cfg, stream_tokens=most + c.cfg.model.seq_len + 1, log=log)
+        try:
+            data_regime(c.cfg, budget, prepared[key].train.n_tokens, params)
+        except DataError as e:
+            raise ConfigError(f"{sweep.path}: level {c.level}: {e}") from None
 
     with ClaimLock(url, sweep.name):  # one creator of the study and of its parent run
         study = optuna.create_study(study_name=sweep.name, storage=st, sampler=_sampler(sweep),
@@ -713,18 +725,19 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     return SweepResult(sweep.name, url, uri, parent, complete, interrupted, table, counts, files)
 
 
-def _max_tokens(sweep: Sweep) -> int:
+def _budgets(sweep: Sweep) -> list[tuple[Any, dict[str, int]]]:
+    """(Budget, parameter split) of every cell, from shapes on the meta device."""
     import torch
 
     from bov.model import GPT
     from bov.train import plan_budget
 
-    most = 0
+    out = []
     for c in sweep.cells:
         with torch.device("meta"):
-            fpt = GPT(c.cfg.model).flops_per_token(c.cfg.model.seq_len)
-        most = max(most, plan_budget(c.cfg, fpt).tokens)
-    return most
+            shape = GPT(c.cfg.model)
+        out.append((plan_budget(c.cfg, shape.flops_per_token(c.cfg.model.seq_len)), shape.param_breakdown()))
+    return out
 
 
 def _create_parent(sweep: Sweep, client, experiment_id: str, storage_url: str) -> str:
@@ -789,8 +802,11 @@ def format_summary(table, sweep: Sweep) -> str:
     if table["failed"].any():
         shown.insert(2, "failed", table["failed"])
     text = shown.to_markdown(index=False, disable_numparse=True)
-    if "epochs" in table and (table["epochs"] > 1).any():
+    epochs = table["epochs"].dropna() if "epochs" in table else []
+    if len(epochs) and (epochs > 1).any():
         text += "\n\nNote: some cells saw their training data more than once (epochs > 1)."
+    if len(epochs) and epochs.max() > 1.05 * epochs.min():
+        text += f"\nNote: the cells differ in epochs ({epochs.min():.2f} to {epochs.max():.2f}), not only in the axis."
     return text
 
 

@@ -15,7 +15,7 @@ import os
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from bov.config import ExperimentConfig
-from bov.data import PreparedData, TokenDataModule, prepare
+from bov.data import DataError, PreparedData, TokenDataModule, prepare
 from bov.model import GPT, build_model
 from bov.paths import runs_dir, tracking_uri
 
@@ -71,6 +71,47 @@ def plan_budget(cfg: ExperimentConfig, flops_per_token: int, world: int = 1) -> 
     if steps < 1:
         raise ValueError(f"train budget gives {steps} steps at {per_step} tokens per step; raise the budget")
     return Budget(steps, per_step, flops_per_token)
+
+
+@dataclass(frozen=True)
+class DataRegime:
+    """How much distinct data a run sees: the numbers that decide whether a bank memorizes."""
+
+    available: int  # tokens in the packed training stream
+    unique: int  # tokens the run may read: the stream, or its first data.max_unique_tokens
+    tokens: int  # tokens the run trains on
+    params: int  # all parameters
+    params_non_embedding: int  # without the lookup tables (token embedding and banks)
+
+    @property
+    def epochs(self) -> float:
+        return self.tokens / self.unique
+
+    @property
+    def repeated(self) -> bool:
+        return self.tokens > self.unique
+
+    def record(self) -> dict[str, float]:
+        """What MLflow params and the run summary carry."""
+        return {"unique_tokens": self.unique, "train_tokens_available": self.available, "tokens": self.tokens,
+                "epochs": self.epochs, "params_non_embedding": self.params_non_embedding,
+                "tokens_per_param": self.tokens / self.params,
+                "tokens_per_param_non_embedding": self.tokens / self.params_non_embedding}
+
+
+def data_regime(cfg: ExperimentConfig, budget: Budget, available: int, params: dict[str, int]) -> DataRegime:
+    """Resolve data.max_unique_tokens (a count or "<f>x" of the tokens trained) against the stream."""
+    limit = cfg.data.max_unique_tokens
+    if isinstance(limit, str):
+        limit = round(float(limit[:-1]) * budget.tokens)
+    if limit is not None and limit > available:
+        raise DataError(f"data.max_unique_tokens={cfg.data.max_unique_tokens} asks for {limit:,} tokens; "
+                        f"the training stream of {cfg.data.source} has {available:,}")
+    if limit is not None and limit <= cfg.model.seq_len:
+        raise DataError(f"data.max_unique_tokens={cfg.data.max_unique_tokens} gives {limit:,} tokens, "
+                        f"fewer than one window of model.seq_len + 1 = {cfg.model.seq_len + 1}")
+    total = sum(params.values())
+    return DataRegime(available, limit or available, budget.tokens, total, total - params["embedding"] - params["bank"])
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
@@ -289,11 +330,15 @@ def run_training(
     del shape
     # a streaming source packs exactly what the budget reads, plus one window
     data = data or prepare(cfg, stream_tokens=budget.tokens + cfg.model.seq_len + 1, log=log)
+    regime = data_regime(cfg, budget, data.train.n_tokens, params)
+    if regime.repeated:  # said before training: repeated data changes what a comparison means
+        log(f"note: this run repeats its data: {regime.tokens:,} tokens over {regime.unique:,} unique "
+            f"({regime.epochs:.2f} epochs); tagged data_repeated=true")
 
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = None
     if is_zero:
-        run_id = _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_tags, parent_run_id)
+        run_id = _open_mlflow_run(cfg, uri, budget, params, data, regime, state_path, resume, extra_tags, parent_run_id)
         log(f"mlflow run {run_id} ({uri})")
         if on_run_start is not None:
             on_run_start(run_id)
@@ -318,7 +363,7 @@ def run_training(
         module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes))
         if cfg.train.compile:
             module.model = torch.compile(module.model)
-        dm = TokenDataModule(cfg, data)
+        dm = TokenDataModule(cfg, data, regime.unique)
         if is_zero:
             system = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.tracking.system_metrics)
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if resume else None)
@@ -336,7 +381,7 @@ def run_training(
         raise
     finally:
         steps = trainer.global_step if trainer is not None else 0
-        summary = _summary(cfg, module, budget, params, data, run_id, status, error, steps)
+        summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps)
         if is_zero:
             (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
             client = mlflow.MlflowClient(uri)
@@ -352,7 +397,7 @@ def run_training(
     return summary
 
 
-def _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_tags, parent_run_id) -> str:
+def _open_mlflow_run(cfg, uri, budget, params, data, regime, state_path, resume, extra_tags, parent_run_id) -> str:
     """Create the run (params, tags, config artifact), or reopen the stored one on resume."""
     import mlflow
     from mlflow.entities import Param
@@ -371,7 +416,8 @@ def _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_t
             client.set_tag(run_id, k, v)
         return run_id
     tags = {"variant": cfg.variant, "preset": cfg.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),
-            "config_hash": cfg.config_hash(), "data_fingerprint": data.fingerprint, **(extra_tags or {})}
+            "config_hash": cfg.config_hash(), "data_fingerprint": data.fingerprint,
+            "data_repeated": str(regime.repeated).lower(), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, tags=tags, run_name=cfg.tracking.run_name or run_key(cfg)).info.run_id
@@ -380,6 +426,7 @@ def _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_t
     flat.update({"budget.steps": str(budget.steps), "budget.tokens": str(budget.tokens),
                  "budget.flops_per_token": str(budget.flops_per_token), "data.train_tokens": str(data.train.n_tokens)})
     flat.update({f"params.{k}": str(v) for k, v in params.items()})
+    flat.update({f"regime.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in regime.record().items()})
     items = [Param(k, v[:6000]) for k, v in flat.items()]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[i : i + 100])
@@ -387,9 +434,10 @@ def _open_mlflow_run(cfg, uri, budget, params, data, state_path, resume, extra_t
     return run_id
 
 
-def _summary(cfg, module, budget, params, data, run_id, status, error, steps) -> dict[str, Any]:
+def _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps) -> dict[str, Any]:
     val = getattr(module, "val_metrics", None) or {}
     tokens = steps * budget.tokens_per_step
+    done = replace(regime, tokens=tokens)  # as trained, which a failed or pruned run cut short
     tps = module._tokens_timed / module._time_timed if module is not None and module._time_timed else None
     checksum = None
     if module is not None:
@@ -400,7 +448,6 @@ def _summary(cfg, module, budget, params, data, run_id, status, error, steps) ->
         "error": error, "steps": steps, "val_bpb": val.get("val/bpb"), "val_loss": val.get("val/loss"),
         "train_loss": module.last_train_loss if module is not None else float("nan"), "tokens": tokens, "flops": float(tokens) * budget.flops_per_token,
         "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
-        "tokens_per_s": tps, "train_tokens_available": data.train.n_tokens,
-        "epochs": tokens / max(1, data.train.n_tokens), "unigram_bpb": data.unigram_bpb(),
-        "param_checksum": checksum,
+        "tokens_per_s": tps, "unigram_bpb": data.unigram_bpb(), "param_checksum": checksum,
+        **done.record(), "data_repeated": done.repeated,
     }

@@ -34,7 +34,8 @@ def _run(client, exp_id, parent, level, seed, bpb, status="FINISHED", study="dem
     rid = run.info.run_id
     params = {"budget.tokens": TOKENS_PER_STEP * STEPS, "budget.steps": STEPS, "budget.flops_per_token": FPT,
               "data.train_tokens": TRAIN_TOKENS, "model.bank_layers": "last_third", "variant": "bov",
-              **{f"params.{k}": v for k, v in SPLIT.items()}}
+              **{f"params.{k}": v for k, v in SPLIT.items()},
+              **({"regime.unique_tokens": 2500} if level == "single" else {})}  # data.max_unique_tokens
     metrics = [Metric("val/bpb", bpb + 0.5, 0, 10), Metric("val/bpb", bpb, 0, 20),
                Metric("val/loss", 2 * bpb, 0, 20), Metric("tokens", TOKENS_PER_STEP * STEPS, 0, 20),
                Metric("throughput/tokens_per_s", 500.0 + seed, 0, 20),
@@ -115,6 +116,8 @@ def test_comparison_table_numbers_are_exact(store):
     assert t.loc["single", "delta"] == pytest.approx(0.95 - 1.1) and math.isnan(t.loc["single", "ci_low"])
     assert t.loc["base", "ci_method"] == "baseline"
     assert t.loc["paired", "flops_per_token"] == FPT and t.loc["paired", "epochs"] == pytest.approx(4.0)
+    assert t.loc["single", "epochs"] == pytest.approx(8.0)  # over its unique prefix, not the whole stream
+    assert t.loc["paired", "tokens_per_param_non_embedding"] == pytest.approx(20_000 / 902)
 
 
 def md_rows(text: str) -> dict[str, list[str]]:
@@ -146,7 +149,8 @@ def test_every_figure_is_written(store, tmp_path):
     files += A.save(A.plot_axis(study.runs, order=study.levels, baseline="base"), out, "axis")
     measured = pd.DataFrame({"vocab": [32768], "context": [65536], "saved_bytes": [4 * 768 * 2 * (65536 - 32768)]})
     files += A.save(A.plot_vcache("135m", "bov", measured=measured), out, "vcache")
-    assert len(files) == 8 and all(p.stat().st_size > 1000 for p in files)
+    files += A.save(A.plot_epochs(study.runs, hue="level"), out, "epochs")
+    assert len(files) == 10 and all(p.stat().st_size > 1000 for p in files)
 
 
 def test_coefficients_are_final_values_per_layer(store):

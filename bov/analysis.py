@@ -266,6 +266,8 @@ def compare(runs: pd.DataFrame, by: str = "level", baseline: str | None = None, 
             if col in g:
                 row[col] = g[col].mean()
         rows.append(row)
+    if not rows:  # nothing finished yet: the columns a caller indexes still exist
+        return pd.DataFrame(columns=[by, "runs", "seeds", f"{metric} mean", f"{metric} std"])
     return pd.DataFrame(rows)
 
 

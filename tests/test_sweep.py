@@ -162,6 +162,9 @@ def test_summary_table_numbers():
     assert lines["last_third"][:3] == ["2", "0", "1.9500 ± 0.0707"] and lines["last_third"][3].startswith("-0.1500 [")
     assert lines["all"][:4] == ["0", "1", "-", "-"]
     assert "more than once" not in text  # said only when some cell repeated its data
+    empty = summarize(optuna.create_study(), sweep)  # interrupted before any cell finished
+    assert list(empty["level"]) == sweep.levels and set(empty["runs"]) == {0}
+    assert "| none " in format_summary(empty, sweep)
 
 
 # ----------------------------------------------------------------------------- execution
@@ -184,10 +187,10 @@ def test_sigkill_mid_trial_then_rerun_completes_each_cell_once(tmp_path):
     proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        _wait_for(victim.is_file, what="a checkpoint of the second cell")
+        _wait_for(victim.is_file, timeout=300, what="a checkpoint of the second cell")
         time.sleep(0.3)  # between checkpoints (every 25 steps): mid-trial
-        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     study = study_of(runs, "mini-micro")
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "RUNNING"]  # the dead worker's trial
@@ -267,7 +270,7 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     path = write_sweep(tmp_path, seeds=[0], budget={"steps": 150, "match": "flops"}, overrides={"train.ckpt_every": 25})
     cmd = [*BOV, "sweep", str(path), "--heartbeat", "1"]
     proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for((runs / "sweeps" / "mini-micro" / "none-seed0" / "last.ckpt").is_file, what="a checkpoint")
+    _wait_for((runs / "sweeps" / "mini-micro" / "none-seed0" / "last.ckpt").is_file, timeout=300, what="a checkpoint")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:]

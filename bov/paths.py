@@ -1,4 +1,4 @@
-"""Where run state lives: `runs/` by default, moved wholesale by BOV_RUNS_DIR."""
+"""Where run state lives: `runs/` by default, moved wholesale by BOV_RUNS_DIR (caches alone by BOV_CACHE_DIR)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def runs_dir() -> Path:
 
 
 def cache_dir(name: str) -> Path:
-    path = runs_dir() / "cache" / name
+    """Tokenizers and token streams: `<runs>/cache`, or BOV_CACHE_DIR (e.g. one cache shared by many runs dirs)."""
+    root = os.environ.get("BOV_CACHE_DIR")
+    path = (Path(root).expanduser().resolve() if root else runs_dir() / "cache") / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

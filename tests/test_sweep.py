@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +26,17 @@ from bov.sweep import ClaimLock, StepPruning, format_summary, list_sweeps, load_
 BOV = [sys.executable, "-m", "bov.cli"]
 
 
+SHARED_CACHE = Path(tempfile.mkdtemp(prefix="bov-test-cache-"))  # one tokenizer/token cache for these sweeps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_shared_cache():
+    yield
+    shutil.rmtree(SHARED_CACHE, ignore_errors=True)
+
+
 def env_with(runs: Path, **extra) -> dict:
-    env = dict(os.environ, BOV_RUNS_DIR=str(runs), BOV_PROGRESS="0", **extra)
+    env = dict(os.environ, BOV_RUNS_DIR=str(runs), BOV_CACHE_DIR=str(SHARED_CACHE), BOV_PROGRESS="0", **extra)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("BOV_OPTUNA_STORAGE", None)
     return env
@@ -261,6 +272,7 @@ def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
     run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(trials["huge"].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "nan" in run.data.tags["error"]
     assert re.search(r"\| huge\s+\| 0\s+\| 1\s+\|", out.stdout)  # the table counts the failure
+    assert any((SHARED_CACHE / "tokens").iterdir()) and not (runs / "cache").exists()  # BOV_CACHE_DIR moved it
     again = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
     assert "[trial" not in again.stdout  # a diverged cell is final unless --retry-failed
 
@@ -352,9 +364,6 @@ def postgres(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    import shutil
-    import tempfile
-
     root = Path(tempfile.mkdtemp(prefix="bov-pg-"))  # outside pytest's 0700 tmp dirs: the server user must reach it
     data = root / "data"
     data.mkdir()

@@ -446,7 +446,7 @@ def _summary(cfg, module, budget, params, data, regime, run_id, status, error, s
     return {
         "run_id": run_id, "variant": cfg.variant, "preset": cfg.preset, "seed": cfg.train.seed, "status": status,
         "error": error, "steps": steps, "val_bpb": val.get("val/bpb"), "val_loss": val.get("val/loss"),
-        "train_loss": module.last_train_loss if module is not None else float("nan"), "tokens": tokens, "flops": float(tokens) * budget.flops_per_token,
+        "train_loss": module.last_train_loss if module is not None else float("nan"), "flops": float(tokens) * budget.flops_per_token,
         "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
         "tokens_per_s": tps, "unigram_bpb": data.unigram_bpb(), "param_checksum": checksum,
         **done.record(), "data_repeated": done.repeated,

@@ -143,7 +143,7 @@ class ModelConfig(_Section):
             )
         if self.depth_stride is not None and not self.depth_attention:
             raise ValueError("model.depth_stride needs model.depth_attention=on")
-        if "neutreno_lambda" in set_by_user and self.value_residual != "neutreno":
+        if changed("neutreno_lambda") and self.value_residual != "neutreno":
             raise ValueError("model.neutreno_lambda needs model.value_residual=neutreno")
         if self.window_pattern != "L" and "S" in self.window_pattern and self.short_window >= self.seq_len:
             raise ValueError(f"model.short_window ({self.short_window}) must be < model.seq_len ({self.seq_len})")
@@ -163,8 +163,9 @@ class DataConfig(_Section):
     val_source: str | None = None  # a separate validation corpus; else a document-level split
     max_docs: int | None = Field(None, ge=1)
     num_proc: int = Field(2, ge=1)
-    # Train only on the first N tokens of the training stream, repeated as the budget needs:
-    # a count, or "0.5x" = half the tokens the run trains on (repetition at fixed compute).
+    # Train only on N tokens of the training stream (a fixed random sample of its windows, the same
+    # for every seed and variant), repeated as the budget needs: a count, or "0.5x" = half the
+    # tokens the run trains on (repetition at fixed compute).
     max_unique_tokens: Union[int, str, None] = None
 
     @field_validator("max_unique_tokens")

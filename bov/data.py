@@ -33,6 +33,7 @@ from bov.config import DataConfig, ExperimentConfig
 from bov.paths import cache_dir
 
 BOS = "<|bos|>"
+UNIQUE_SAMPLE_SEED = 20260526  # which windows data.max_unique_tokens keeps: fixed, not the training seed
 TOKENIZER_TRAIN_CHARS = 20_000_000  # BPE merges converge long before this on one corpus
 HASH_BUCKETS = 10_000
 
@@ -379,10 +380,17 @@ class TrainWindows(torch.utils.data.IterableDataset):
         super().__init__()
         self.stream, self.T, self.seed = stream, seq_len, seed
         self.start, self.rank, self.world, self.batch = start, rank, world, batch
-        n = min(unique_tokens or stream.n_tokens, stream.n_tokens)  # data.max_unique_tokens: a prefix only
+        n = min(unique_tokens or stream.n_tokens, stream.n_tokens)
+        total = (stream.n_tokens - 1) // seq_len
         self.n_windows = (n - 1) // seq_len
         if self.n_windows < 1:
             raise DataError(f"data.source: {n} training tokens is fewer than one window of {seq_len + 1}")
+        # data.max_unique_tokens: a fixed random sample of the stream's windows, the same for every seed and
+        # variant. Not a prefix: a corpus packed in file order (stdlib) would narrow its domain as well as its size.
+        self.pool = None
+        if self.n_windows < total:
+            g = torch.Generator().manual_seed(UNIQUE_SAMPLE_SEED)
+            self.pool = torch.randperm(total, generator=g)[: self.n_windows]
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def window(self, k: int) -> int:
@@ -390,7 +398,8 @@ class TrainWindows(torch.utils.data.IterableDataset):
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(self.n_windows, generator=g))
-        return int(self._perm[1][i])
+        w = self._perm[1][i]
+        return int(w if self.pool is None else self.pool[w])
 
     def __iter__(self):
         data = self.stream.array()

@@ -50,19 +50,28 @@ def test_bad_unique_values_name_the_key(value):
         load_config("micro", "baseline", {"data.max_unique_tokens": value})
 
 
-def test_windows_stay_in_the_unique_prefix_and_cycle_it(tmp_path):
+def test_unique_windows_are_a_fixed_sample_cycled_once_per_epoch(tmp_path):
     import numpy as np
 
     path = tmp_path / "t.bin"
     np.arange(1000, dtype=np.uint16).tofile(path)
     stream = TokenStream(path, 1000, 1000, 1, "uint16")
-    ds = TrainWindows(stream, seq_len=10, seed=0, start=0, rank=0, world=1, batch=3, unique_tokens=101)
-    assert ds.n_windows == 10
-    it = iter(ds)
-    firsts = [int(next(it)[0][0]) for _ in range(30)]  # three epochs over the 10 windows of the prefix
-    assert max(firsts) <= 90 and all(f % 10 == 0 for f in firsts)
+
+    def firsts(seed, n=30):
+        ds = TrainWindows(stream, seq_len=10, seed=seed, start=0, rank=0, world=1, batch=3, unique_tokens=101)
+        assert ds.n_windows == 10
+        it = iter(ds)
+        return [int(next(it)[0][0]) for _ in range(n)]  # three epochs over the 10 kept windows
+
+    a, b = firsts(0), firsts(1)
+    kept = sorted(set(a))
+    assert len(kept) == 10 and all(f % 10 == 0 for f in kept)
+    assert max(kept) > 100  # spread over the stream, not its first 101 tokens
     for e in range(3):
-        assert sorted(firsts[10 * e : 10 * e + 10]) == list(range(0, 100, 10))  # each window once per epoch
+        assert sorted(a[10 * e : 10 * e + 10]) == kept  # each kept window once per epoch
+    assert sorted(set(b)) == kept and a != b  # another seed: the same windows, in another order
+    full = TrainWindows(stream, seq_len=10, seed=0, start=0, rank=0, world=1, batch=3)
+    assert full.pool is None and full.n_windows == 99  # no limit: every window, as before
 
 
 def test_repeating_run_says_so_and_records_its_regime(tmp_path):

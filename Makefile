@@ -18,7 +18,7 @@ SWEEP_ARGS = $(if $(SCALE),--scale $(SCALE)) $(if $(SEEDS),--seeds $(SEEDS)) $(i
              $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE)) $(if $(BUDGET_STEPS),--steps $(BUDGET_STEPS))
 OPTUNA_STORAGE = $(or $(STORAGE),$(BOV_OPTUNA_STORAGE),sqlite:///$(abspath $(RUNS))/optuna.db)
 
-.PHONY: install test test-slow describe train sweep sweeps figures ui dashboard bench clean
+.PHONY: install test test-slow describe train sweep sweeps figures ui dashboard bench bench-train bench-infer generate clean
 
 install: $(STAMP)
 
@@ -67,9 +67,19 @@ dashboard: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(RUNS))/mlflow.db} --host 127.0.0.1 --port 5000
 
-## Training throughput per variant; writes results/bench/.
-bench: $(STAMP)
+## Training throughput per variant, then cached inference (cache bytes vs analytic, decode speed); results/bench/.
+bench: bench-train bench-infer
+
+bench-train: $(STAMP)
 	$(VENV)/bin/bov bench-train --preset $(PRESET) --steps $(STEPS)
+
+## Continue PROMPT= from CKPT= (a last.ckpt under runs/) with cached decoding; NEW_TOKENS= (64).
+generate: $(STAMP)
+	$(VENV)/bin/bov generate --checkpoint "$(CKPT)" --prompt "$(PROMPT)" --max-new-tokens $(or $(NEW_TOKENS),64)
+
+## Cache memory at 135m (allocation only) and prefill/decode tokens/s at tiny; results/bench/infer_*.md, vcache.json.
+bench-infer: $(STAMP)
+	$(VENV)/bin/bov bench-infer
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,8 +14,9 @@
 # A context-free bank layer caches no values: it gathers its table rows from the token
 # ids. Per sequence it saves `layers * H_kv * d_h * bytes * (T - |V|)` (spec section 2),
 # so it pays off beyond a context of |V| tokens. Lines: that formula for the `135m`
-# BoV (4 bank layers, 768 values, bf16) at two vocabulary sizes. Measured points are
-# added from `results/bench/vcache.json` once cached inference writes it.
+# BoV (4 bank layers, 768 values, bf16) at two vocabulary sizes. Crosses are measured:
+# `make bench-infer` allocates the baseline's and BoV's caches and tables and writes
+# `results/bench/vcache.json` (baseline cache - BoV cache - tables, per sequence).
 
 # %%
 import json

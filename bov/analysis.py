@@ -460,13 +460,13 @@ def vcache_saving_bytes(n_bank_layers: int, kv_dim: int, vocab: int, context: np
 
 
 def cacheless_layers(preset: str, variant: str) -> tuple[int, int]:
-    """(layers that cache no values, H_kv * d_h) of a preset/variant: bank layers in replace mode."""
+    """(bank layers that cache no values, H_kv * d_h) of a preset/variant (`LayerPlan.value_cache`)."""
     from bov.config import load_config
     from bov.plan import build_plan
 
     cfg = load_config(preset, variant).model
     plan = build_plan(cfg)
-    return sum(p.source == "bank" and not p.uses_own for p in plan), cfg.n_kv_heads * cfg.head_dim
+    return sum(p.value_cache == "bank" for p in plan), cfg.n_kv_heads * cfg.head_dim
 
 
 def plot_vcache(preset: str = "135m", variant: str = "bov", vocabs: Sequence[int] = (32768, 131072),

@@ -36,6 +36,9 @@ def presets() -> None:
     typer.echo("variants: " + ", ".join(list_variants()))
 
 
+V_CACHE = {"values": "stored", "bank": "none (ids)", "first_layer": "none (V_0)"}  # what decoding caches
+
+
 @app.command()
 def describe(preset: str = PRESET, variant: str = VARIANT, set_: Optional[List[str]] = SET) -> None:
     """Print the per-layer value plan, parameter split and FLOPs of a preset/variant."""
@@ -49,10 +52,10 @@ def describe(preset: str = PRESET, variant: str = VARIANT, set_: Optional[List[s
     m = cfg.model
     typer.echo(f"{cfg.preset} / {cfg.variant}: {m.n_layers} layers, d={m.d_model}, "
                f"heads {m.n_heads} (kv {m.n_kv_heads}) x {m.head_dim}, vocab {m.vocab_size}, seq {m.seq_len}")
-    typer.echo(f"{'layer':>5}  {'role':<9} {'W_V':<4} {'window':<7} {'coeff':<17} value")
+    typer.echo(f"{'layer':>5}  {'role':<9} {'W_V':<4} {'window':<7} {'coeff':<17} {'V cache':<12} value")
     for p, w in zip(model.plan, layer_windows(m)):
         typer.echo(f"{p.layer:>5}  {p.role:<9} {'yes' if p.has_v_proj else 'no':<4} {w or 'full'!s:<7} "
-                   f"{(p.coeff if p.source else '-'):<17} {p.describe()}")
+                   f"{(p.coeff if p.source else '-'):<17} {V_CACHE[p.value_cache]:<12} {p.describe()}")
     split = model.param_breakdown()
     typer.echo("params: " + ", ".join(f"{k} {v:,}" for k, v in split.items()))
     typer.echo(f"params total {model.num_params():,}; without lookup tables {model.num_params(exclude_embeddings=True):,}")
@@ -109,6 +112,69 @@ def bench_train_cmd(
     for v in names:
         load_or_exit(preset, v, set_)  # every variant valid before any compute
     bench_train(preset, names, steps, set_, log=typer.echo)
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        fail(f"{option} {text!r}: a comma-separated list of positive integers")
+    return out
+
+
+@app.command("bench-infer")
+def bench_infer_cmd(
+    preset: str = typer.Option("135m", "--preset", "-p", help="preset whose cache memory is measured"),
+    speed_preset: str = typer.Option("tiny", "--speed-preset", help="preset timed for prefill/decode "
+                                     "(random weights; its seq_len is raised to the longest context)"),
+    variants: str = typer.Option(",".join(["baseline", "bov", "bov_add", "x0_replace", "v1_replace", "resformer",
+                                            "resformer_learned", "svformer", "value_embed", "depth_attention",
+                                            "neutreno", "denseformer"]), help="comma-separated"),
+    contexts: str = typer.Option("1024,4096,16384,65536", help="context lengths for cache memory"),
+    speed_contexts: str = typer.Option("256,1024,4096", help="context lengths for prefill/decode speed"),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="decoded tokens per timing", min=1),
+    vocabs: str = typer.Option("32768,131072", help="vocabulary sizes for the V-cache saving (Figure 5a)"),
+) -> None:
+    """Cache bytes (measured vs analytic), V-cache saving and prefill/decode tokens/s; writes results/bench/."""
+    from bov.bench import bench_infer
+
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    for v in names:
+        load_or_exit(preset, v, None)
+        load_or_exit(speed_preset, v, None)
+    ctx, sctx, voc = _ints(contexts, "--contexts"), _ints(speed_contexts, "--speed-contexts"), _ints(vocabs, "--vocabs")
+    command = (f"bov bench-infer --preset {preset} --speed-preset {speed_preset} --contexts {contexts} "
+               f"--speed-contexts {speed_contexts} --new-tokens {new_tokens} --vocabs {vocabs}")
+    bench_infer(preset, speed_preset, names, ctx, sctx, new_tokens, voc, command, log=typer.echo)
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="a .ckpt written by `bov train` or a sweep"),
+    prompt: str = typer.Option("", "--prompt", help="text to continue (a BOS token is put first, as in training)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0: greedy"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="sample among the k most likely tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu or cuda"),
+    offload_banks: bool = typer.Option(False, "--offload-banks", help="keep bank tables in host memory; copy only "
+                                       "the rows of tokens that occur to the device"),
+) -> None:
+    """Continue a prompt from a trained checkpoint with cached decoding."""
+    import torch
+
+    from bov.infer import generate_text, load_checkpoint
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        loaded = load_checkpoint(checkpoint, device=device)
+        text = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed, offload_banks)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(prompt + text)
 
 
 def _seeds(text: str | None) -> list[int] | None:

@@ -42,6 +42,8 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: [B, T, heads, dh]
         T = x.size(1)
+        if offset + T > self.max_len:
+            raise ValueError(f"position {offset + T - 1} is past the RoPE table ({self.max_len} positions = model.seq_len)")
         cos = self.cos[offset : offset + T, None, :].to(x.dtype)
         sin = self.sin[offset : offset + T, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
@@ -95,7 +97,7 @@ class Attention(nn.Module):
 
     def value(self, x, ids, x0, v0, banks) -> torch.Tensor:
         """The value this layer attends with, as its plan says. [B, T, H_kv, dh]"""
-        B, T, _ = x.shape
+        B, T = ids.shape
         p = self.plan
         own = self.v_proj(x) if p.uses_own else None
         if p.source is None:
@@ -124,20 +126,35 @@ class Attention(nn.Module):
         w = torch.einsum("btgd,btgjd->btgj", qbar.float(), keys.float()) / math.sqrt(self.dh)
         return torch.einsum("btgj,btgjd->btgd", w.softmax(-1).to(v.dtype), vals)
 
-    def forward(self, x, ids, x0, v0, banks, rope: Rotary, depth):
+    def cached(self, cache, k, v, banks):
+        """Decoding: store the new positions' keys (and values, if the plan keeps them); return the whole history's."""
+        keys = cache.put(self.plan.layer, "k", k)
+        kind = self.plan.value_cache
+        if kind == "values":
+            return keys, cache.put(self.plan.layer, "v", v)
+        # nothing stored: rebuilt from the token ids (bank rows) or from layer 0's cached values
+        ids = cache.ids[:, : cache.end]
+        v0 = cache.v[0][:, : cache.end] if kind == "first_layer" else None
+        return keys, self.value(None, ids, None, v0, banks)
+
+    def forward(self, x, ids, x0, v0, banks, rope: Rotary, depth, cache=None):
         B, T, _ = x.shape
-        q = rope(norm(self.q_proj(x).view(B, T, self.n_heads, self.dh), self.eps))
-        k = rope(norm(self.k_proj(x).view(B, T, self.n_kv, self.dh), self.eps))
+        start = 0 if cache is None else cache.start  # position of the first new token
+        q = rope(norm(self.q_proj(x).view(B, T, self.n_heads, self.dh), self.eps), start)
+        k = rope(norm(self.k_proj(x).view(B, T, self.n_kv, self.dh), self.eps), start)
         v = self.value(x, ids, x0, v0, banks)
         if self.plan.depth_candidates:
             v = self.depth_mix(q, k, v, depth)
-        mask = None
-        if self.window is not None and self.window < T:  # sliding window: keys in (t - window, t]
-            i = torch.arange(T, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+        keys, values = (k, v) if cache is None else self.cached(cache, k, v, banks)
+        S = keys.size(1)
+        mask, causal = None, cache is None
+        if (self.window is not None and self.window < S) or (cache is not None and T > 1):
+            i = torch.arange(start, start + T, device=x.device)[:, None]  # queries; keys are 0..S-1
+            j = torch.arange(S, device=x.device)[None, :]
+            mask, causal = (j <= i) & (i - j < (self.window or S)), False  # keys in (i - window, i]
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads,
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads,
         ).transpose(1, 2)
         if self.plan.neutreno is not None:  # NeuTRENO: U_l = A_l V_l + lam (V_0 - V_l)
             y = y + self.plan.neutreno * (v0 - v).repeat_interleave(self.n_heads // self.n_kv, dim=2)
@@ -165,8 +182,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, plan, window)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ids, x0, v0, banks, rope, depth):
-        a, v, k = self.attn(norm(x, self.eps), ids, x0, v0, banks, rope, depth)
+    def forward(self, x, ids, x0, v0, banks, rope, depth, cache=None):
+        a, v, k = self.attn(norm(x, self.eps), ids, x0, v0, banks, rope, depth, cache)
         x = x + a
         return x + self.mlp(norm(x, self.eps)), v, k
 
@@ -195,21 +212,33 @@ class GPT(nn.Module):
         self.dwa = nn.ParameterList(nn.Parameter(torch.empty(l + 2)) for l in range(cfg.n_layers)) if cfg.denseformer else None
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, vocab] (fp32)."""
+    def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, vocab] (fp32).
+
+        With a `bov.infer.KVCache`, ids are the next T tokens after those already cached,
+        and attention reads the cached keys and values. Everything else in the pass
+        (value mixing, depth mixing, NeuTRENO, DenseFormer) is per position.
+        """
         eps = self.cfg.norm_eps
+        banks = self.banks
+        if cache is not None:
+            cache.begin(ids)
+            if cache.banks is not None:  # an offloading cache serves the bank rows itself
+                banks = cache.banks
         x = x0 = norm(self.wte(ids), eps)
         v0 = None
         depth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (key, mixed value)
         outputs = [x]  # DenseFormer's history of block outputs
         for l, block in enumerate(self.blocks):
-            x, v, k = block(x, ids, x0, v0, self.banks, self.rope, depth)
+            x, v, k = block(x, ids, x0, v0, banks, self.rope, depth, cache)
             v0 = v if v0 is None else v0
             if l in self.depth_sources:
                 depth[l] = (k, v)
             if self.dwa is not None:
                 outputs.append(x)
                 x = sum(w * h for w, h in zip(self.dwa[l], outputs))
+        if cache is not None:
+            cache.commit()
         logits = self.lm_head(norm(x, eps)).float()
         if self.cfg.logit_softcap is not None:
             c = self.cfg.logit_softcap

@@ -74,6 +74,23 @@ class LayerPlan:
         own = self.uses_own or self.source == "own" or (self.source == "v1" and self.layer == 0)
         return int(own) + int(self.source == "x0")
 
+    @property
+    def value_cache(self) -> Literal["values", "bank", "first_layer"]:
+        """What a KV cache keeps for this layer's values (bov.infer).
+
+        A value that depends only on the token ids (a bank row) or only on layer 0's
+        values, scaled by constant coefficients, is rebuilt when the layer attends, so
+        nothing is stored: "bank" gathers E_v[ids], "first_layer" rescales layer 0's
+        cached values (SVFormer). Anything mixed with x_l, gated by x_l or depth-mixed
+        is contextual and cached as "values".
+        """
+        rebuildable = not self.uses_own and self.coeff != "gate" and not self.depth_candidates
+        if rebuildable and self.source == "bank":
+            return "bank"
+        if rebuildable and self.source == "v1" and self.layer > 0:
+            return "first_layer"
+        return "values"
+
     def describe(self) -> str:
         """The layer's value formula, e.g. `0.5*x_l W_V + 0.5*V_0` or `b*E_v[i] (table 0)`."""
         depth = f", then depth-mixed with layers {list(self.depth_candidates)}" if self.depth_candidates else ""

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from bov.config import ExperimentConfig
 from bov.data import DataError, PreparedData, TokenDataModule, prepare
+from bov.infer import checkpoint_extras
 from bov.model import GPT, build_model
 from bov.paths import runs_dir, tracking_uri
 
@@ -136,9 +137,10 @@ def lr_factor(step: int, total: int, cfg) -> float:
 class LitBoV(pl.LightningModule):
     """Any variant. Manual optimization so Muon (matrices) and AdamW (the rest) step together."""
 
-    def __init__(self, cfg: ExperimentConfig, budget: Budget, token_bytes: torch.Tensor):
+    def __init__(self, cfg: ExperimentConfig, budget: Budget, token_bytes: torch.Tensor, tokenizer_json: str | None = None):
         super().__init__()
         self.cfg, self.budget = cfg, budget
+        self.tokenizer_json = tokenizer_json
         self.automatic_optimization = False
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model)
@@ -151,6 +153,9 @@ class LitBoV(pl.LightningModule):
 
     def forward(self, ids):
         return self.model(ids)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["bov"] = checkpoint_extras(self.cfg, self.tokenizer_json)  # `bov generate` reads it
 
     # -- optimizers
     def configure_optimizers(self):
@@ -360,7 +365,7 @@ def run_training(
             use_distributed_sampler=False,  # TrainWindows gives each rank its own slice
             default_root_dir=str(run_dir),
         )
-        module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes))
+        module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes), data.tokenizer_path.read_text())
         if cfg.train.compile:
             module.model = torch.compile(module.model)
         dm = TokenDataModule(cfg, data, regime.unique)

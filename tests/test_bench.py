@@ -17,4 +17,5 @@ def test_bench_train_writes_tables(tmp_path, monkeypatch):
     assert all(r["tokens_per_s"] > 0 for r in saved["rows"])
     assert saved["rows"][1]["flops_per_token"] < saved["rows"][0]["flops_per_token"]  # BoV drops W_V matmuls
     md = (tmp_path / "results/bench/train_micro_cpu.md").read_text()
-    assert "| bov |" in md and "make bench PRESET=micro STEPS=4" in md
+    assert "| bov |" in md and "make bench-train PRESET=micro STEPS=4" in md
+    assert all(r["peak_memory_bytes"] > 2**20 for r in saved["rows"])  # Linux VmHWM on CPU

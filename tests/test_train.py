@@ -155,12 +155,17 @@ def test_ctrl_c_ends_run_killed(tmp_path):
     runs = tmp_path / "int"
     args = ["train", "-p", "micro", "--set", "train.max_steps=5000", "--set", "train.ckpt_every=10", "--set", "train.val_every=10"]
     proc = subprocess.Popen(BOV + args, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not list(runs.glob("train/*/last.ckpt")):  # training is under way
-        assert proc.poll() is None and time.time() - t0 < 180
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    try:
+        t0 = time.time()
+        while not list(runs.glob("train/*/last.ckpt")):  # training is under way
+            assert proc.poll() is None and time.time() - t0 < 180
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:  # never leave a 5000-step run behind when an assertion fails
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode != 0
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])

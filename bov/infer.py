@@ -220,8 +220,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"--checkpoint: {path} is not a readable checkpoint ({type(e).__name__})") from None
-    extras = ckpt.get("bov")
-    if extras is None:
+    extras = ckpt.get("bov") if isinstance(ckpt, dict) else None
+    if extras is None or extras.get("tokenizer") is None:
         raise ValueError(f"--checkpoint: {path} holds no bov config and tokenizer (written by an older bov); "
                          "train it again")
     cfg = validate(extras["config"])
@@ -233,11 +233,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         model = GPT(cfg.model)
     model.to_empty(device=device)
     model.rope.reset()  # a non-persistent buffer: not in the state dict
-    model.load_state_dict(state, strict=False)
-    missing = {n for n, _ in model.named_parameters()} - state.keys()
-    if missing:
-        raise ValueError(f"--checkpoint: {path} lacks {sorted(missing)[0]} (and {len(missing) - 1} more) for "
-                         f"{cfg.preset}/{cfg.variant}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"--checkpoint: {path} does not match {cfg.preset}/{cfg.variant}: "
+                         f"{str(e).splitlines()[-1].strip()}") from None
     if dtype is not None:
         model.to(dtype)
     model.eval()

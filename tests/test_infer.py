@@ -170,6 +170,10 @@ def test_generate_cli_bad_input_is_one_line(trained_checkpoint, tmp_path):
     junk.write_text("not a checkpoint")
     bad = runner.invoke(app, ["generate", "--checkpoint", str(junk)])
     assert bad.exit_code == 2 and bad.output.startswith("error: --checkpoint:") and bad.output.count("\n") == 1
+    old = tmp_path / "old.ckpt"  # a Lightning checkpoint without bov's config and tokenizer
+    torch.save({"state_dict": torch.load(trained_checkpoint, weights_only=True)["state_dict"]}, old)
+    stale = runner.invoke(app, ["generate", "--checkpoint", str(old)])
+    assert stale.exit_code == 2 and "holds no bov config and tokenizer" in stale.output
     long = runner.invoke(app, ["generate", "-c", str(trained_checkpoint), "--prompt", "x", "-n", "200"])
     assert long.exit_code == 2 and "context of 64 tokens" in long.output and long.output.count("\n") == 1
 

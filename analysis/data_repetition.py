@@ -30,3 +30,24 @@ out["shown"]
 fig = A.plot_epochs(study.runs, metric=study.metric, title=f"{study.name}: repetition at fixed compute")
 files = A.save(fig, OUT, "bpb_vs_epochs")
 study.runs.pivot_table(index="variant", columns="data.max_unique_tokens", values=study.metric)
+
+# %% [markdown]
+# ## Each variant against the baseline at the same number of epochs
+#
+# The fair comparison at fixed compute and fixed data: Δ val BPB to the baseline trained on the
+# same unique tokens (a paired t interval over seeds where they match; none for one seed).
+
+# %%
+within = A.compare_within(study.runs, group="data.max_unique_tokens", by="variant", metric=study.metric)
+within["Δ vs baseline, same data"] = A.format_table(within, by="variant", metric=study.metric,
+                                                     baseline="baseline")["Δ vs baseline (95% CI)"].values
+same_epochs = within.pivot_table(index="variant", columns="data.max_unique_tokens", values="Δ vs baseline, same data",
+                                 aggfunc="first")
+same_epochs = same_epochs[sorted(same_epochs.columns, key=lambda c: -float(str(c).rstrip("x")))]
+same_epochs.columns = [f"{c} ({within.loc[within['data.max_unique_tokens'] == c, 'epochs'].mean():.2f} epochs)"
+                       for c in same_epochs.columns]
+within.to_csv(OUT / "delta_same_data.csv", index=False)
+(OUT / "delta_same_data.md").write_text(
+    f"{study.name}: Δ {study.metric} vs the baseline trained on the same unique tokens\n\n"
+    + same_epochs.to_markdown(disable_numparse=True) + "\n")
+same_epochs

@@ -271,6 +271,17 @@ def compare(runs: pd.DataFrame, by: str = "level", baseline: str | None = None, 
     return pd.DataFrame(rows)
 
 
+def compare_within(runs: pd.DataFrame, group: str, by: str = "variant", baseline: str = "baseline",
+                   metric: str = "val/bpb", **kw) -> pd.DataFrame:
+    """`compare` inside each value of `group` (e.g. each unique-token budget), against that group's baseline.
+
+    For a crossed study this is the fair delta: a variant at 4 epochs against the baseline at 4 epochs.
+    """
+    parts = [compare(g, by=by, baseline=baseline, metric=metric, **kw).assign(**{group: value})
+             for value, g in runs.groupby(group, sort=False)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[group, by])
+
+
 # ----------------------------------------------------------------------------- tables
 
 

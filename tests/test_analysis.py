@@ -159,6 +159,17 @@ def test_coefficients_are_final_values_per_layer(store):
     assert c[("paired", 1, 3, "b")] == 3.0 and c[("single", 0, 2, "b")] == 1.0
 
 
+def test_compare_within_uses_the_baseline_of_the_same_group():
+    rows = [("baseline", "1x", 0, 1.50), ("baseline", "1x", 1, 1.52), ("bov", "1x", 0, 1.40), ("bov", "1x", 1, 1.43),
+            ("baseline", "0.25x", 0, 1.60), ("baseline", "0.25x", 1, 1.62), ("bov", "0.25x", 0, 1.61),
+            ("bov", "0.25x", 1, 1.64)]
+    runs = pd.DataFrame(rows, columns=["variant", "data.max_unique_tokens", "seed", "val/bpb"])
+    t = A.compare_within(runs, group="data.max_unique_tokens").set_index(["data.max_unique_tokens", "variant"])
+    assert t.loc[("1x", "bov"), "delta"] == pytest.approx(-0.095)
+    assert t.loc[("0.25x", "bov"), "delta"] == pytest.approx(0.015)  # against 0.25x's baseline, not 1x's
+    assert t.loc[("0.25x", "bov"), "ci_method"] == "paired t, n=2" and t.loc[("1x", "baseline"), "delta"] == 0
+
+
 def test_vcache_formula_and_bank_layer_count():
     n, kv = A.cacheless_layers("135m", "bov")
     assert (n, kv) == (4, 768)  # the last third of 12 layers, 6 heads x 128

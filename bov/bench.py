@@ -52,7 +52,9 @@ def peak_memory() -> tuple[int | None, str]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "peak resident set of the process (VmHWM)"
+                return int(line.split()[1]) * 1024, ("peak resident set of the bench process (VmHWM, reset before each "
+                                                     "variant; it includes what earlier variants left allocated, so "
+                                                     "it bounds each variant's peak from above)")
     except OSError:
         pass
     return None, "not measured"
@@ -66,7 +68,7 @@ def bench_train(preset: str, variants: list[str], steps: int, overrides: list[st
                                             "tracking.experiment=bench", *(overrides or [])])
         reset_peak_memory()
         s = run_training(cfg, log=lambda m: None)
-        peak, peak_kind = peak_memory()
+        peak, _ = peak_memory()
         mfu = (s["tokens_per_s"] * s["flops_per_token"] / cfg.train.peak_flops) if cfg.train.peak_flops else None
         rows.append({"variant": variant, "tokens_per_s": round(s["tokens_per_s"]), "flops_per_token": s["flops_per_token"],
                      "params": s["params"], "mfu": mfu, "peak_memory_bytes": peak, "run_id": s["run_id"]})
@@ -191,7 +193,7 @@ def _timed(fn, device) -> float:
 
 @torch.no_grad()
 def decode_speed(preset: str, variants: list[str], contexts: list[int], new_tokens: int, dtype=torch.float32,
-                 device="cpu", repeats: int = 2) -> list[dict]:
+                 device="cpu", repeats: int = 3) -> list[dict]:
     """Prefill tokens/s (one prompt of T tokens) and decode tokens/s (the next `new_tokens`, one at a time,
     from the cache), batch 1, random weights; best of `repeats`."""
     from bov.infer import KVCache
@@ -266,7 +268,7 @@ def bench_infer(memory_preset: str, speed_preset: str, variants: list[str], cont
     lines += [f"| {p['vocab']:,} | {p['context']:,} | {_mib(p['saved_bytes'])} |" for p in points]
     lines += ["", f"## Prefill and decode speed: {speed_preset}, {result['speed']['dtype']}, batch 1, random weights", "",
               f"Prefill: one forward over T prompt tokens into an empty cache. Decode: the next {new_tokens} tokens, "
-              "one forward each, from the cache. Best of 2.", "",
+              "one forward each, from the cache. Best of 3.", "",
               "| variant | context | prefill tokens/s | decode tokens/s | cache MiB |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['context']:,} | {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.1f} | "
               f"{_mib(r['cache_bytes'])} |" for r in speed]

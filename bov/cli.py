@@ -134,7 +134,7 @@ def bench_infer_cmd(
                                             "neutreno", "denseformer"]), help="comma-separated"),
     contexts: str = typer.Option("1024,4096,16384,65536", help="context lengths for cache memory"),
     speed_contexts: str = typer.Option("256,1024,4096", help="context lengths for prefill/decode speed"),
-    new_tokens: int = typer.Option(32, "--new-tokens", help="decoded tokens per timing", min=1),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="decoded tokens per timing", min=1),
     vocabs: str = typer.Option("32768,131072", help="vocabulary sizes for the V-cache saving (Figure 5a)"),
 ) -> None:
     """Cache bytes (measured vs analytic), V-cache saving and prefill/decode tokens/s; writes results/bench/."""

@@ -99,10 +99,6 @@ def bench_train(preset: str, variants: list[str], steps: int, overrides: list[st
 
 # ----------------------------------------------------------------------------- cached inference
 
-VARIANTS = ["baseline", "bov", "bov_add", "x0_replace", "v1_replace", "resformer", "resformer_learned", "svformer",
-            "value_embed", "depth_attention", "neutreno", "denseformer"]
-
-
 def _measure_alloc(make, device) -> tuple[object, int]:
     """Build something and return it with the bytes it allocated: the CUDA allocator's count on a GPU,
     the tensors' storages on CPU (no allocator statistics there)."""

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from bov.config import ConfigError, list_presets, list_variants, load_config
+from bov.config import VARIANT_ORDER, ConfigError, list_presets, list_variants, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ablations of attention value paths.")
 
@@ -99,9 +99,7 @@ def train(
 @app.command("bench-train")
 def bench_train_cmd(
     preset: str = PRESET,
-    variants: str = typer.Option(",".join(["baseline", "bov", "bov_add", "x0_replace", "v1_replace", "resformer",
-                                            "resformer_learned", "svformer", "value_embed", "depth_attention",
-                                            "neutreno", "denseformer"]), help="comma-separated"),
+    variants: str = typer.Option(",".join(VARIANT_ORDER), help="comma-separated"),
     steps: int = typer.Option(30, help="optimizer steps per variant"),
     set_: Optional[List[str]] = SET,
 ) -> None:
@@ -129,9 +127,7 @@ def bench_infer_cmd(
     preset: str = typer.Option("135m", "--preset", "-p", help="preset whose cache memory is measured"),
     speed_preset: str = typer.Option("tiny", "--speed-preset", help="preset timed for prefill/decode "
                                      "(random weights; its seq_len is raised to the longest context)"),
-    variants: str = typer.Option(",".join(["baseline", "bov", "bov_add", "x0_replace", "v1_replace", "resformer",
-                                            "resformer_learned", "svformer", "value_embed", "depth_attention",
-                                            "neutreno", "denseformer"]), help="comma-separated"),
+    variants: str = typer.Option(",".join(VARIANT_ORDER), help="comma-separated"),
     contexts: str = typer.Option("1024,4096,16384,65536", help="context lengths for cache memory"),
     speed_contexts: str = typer.Option("256,1024,4096", help="context lengths for prefill/decode speed"),
     new_tokens: int = typer.Option(64, "--new-tokens", help="decoded tokens per timing", min=1),

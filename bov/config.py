@@ -274,6 +274,11 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in (ABLATIONS_DIR / "scales").glob("*.yaml"))
 
 
+# The named variants in the order tables and benchmarks list them: the baseline, the paper's, then its peers.
+VARIANT_ORDER = ("baseline", "bov", "bov_add", "x0_replace", "v1_replace", "resformer", "resformer_learned",
+                 "svformer", "value_embed", "depth_attention", "neutreno", "denseformer")
+
+
 def list_variants() -> list[str]:
     return sorted(p.stem for p in (ABLATIONS_DIR / "variants").glob("*.yaml"))
 

@@ -7,16 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bov.config import load_config
+from bov.config import VARIANT_ORDER, load_config
 from bov.model import build_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-VARIANTS = [
-    "baseline", "bov", "bov_add", "x0_replace", "v1_replace",
-    "resformer", "resformer_learned", "svformer", "value_embed",
-    "depth_attention", "neutreno", "denseformer",
-]
+VARIANTS = list(VARIANT_ORDER)
 
 
 @pytest.fixture(autouse=True)

@@ -90,3 +90,9 @@ def test_unknown_preset_and_variant_list_choices():
         load_config("micro", "bovv")
     with pytest.raises(ConfigError, match="override 'model.n_layers' must look like"):
         load_config("micro", None, ["model.n_layers"])
+
+
+def test_variant_order_names_every_variant_once():
+    from bov.config import VARIANT_ORDER, list_variants
+
+    assert sorted(VARIANT_ORDER) == list_variants()

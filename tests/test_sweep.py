@@ -281,7 +281,8 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     runs = tmp_path / "runs"
     path = write_sweep(tmp_path, seeds=[0], budget={"steps": 150, "match": "flops"}, overrides={"train.ckpt_every": 25})
     cmd = [*BOV, "sweep", str(path), "--heartbeat", "1"]
-    proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_train.sigint_default
     _wait_for((runs / "sweeps" / "mini-micro" / "none-seed0" / "last.ckpt").is_file, timeout=300, what="a checkpoint")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)

@@ -28,6 +28,12 @@ def runs(tmp_path, monkeypatch):
     return tmp_path / "runs"
 
 
+def sigint_default() -> None:
+    """In a child: take SIGINT as a terminal would deliver it. A suite started as a background job of a
+    non-interactive shell inherits SIGINT ignored (POSIX), and Python then keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def env_with(runs_dir: Path) -> dict:
     env = dict(os.environ, BOV_RUNS_DIR=str(runs_dir), BOV_PROGRESS="0")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -154,7 +160,8 @@ def test_ddp_two_processes_agree(tmp_path):
 def test_ctrl_c_ends_run_killed(tmp_path):
     runs = tmp_path / "int"
     args = ["train", "-p", "micro", "--set", "train.max_steps=5000", "--set", "train.ckpt_every=10", "--set", "train.val_every=10"]
-    proc = subprocess.Popen(BOV + args, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(BOV + args, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     try:
         t0 = time.time()
         while not list(runs.glob("train/*/last.ckpt")):  # training is under way

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,12 @@ VARIANTS = list(VARIANT_ORDER)
 def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(False)
+
+
+def sigint_default() -> None:
+    """In a child process: take SIGINT as a terminal delivers it. A suite started as a background job of a
+    non-interactive shell inherits SIGINT ignored (POSIX), and Python then keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make(variant: str | None = "baseline", preset: str = "micro", seed: int = 0, **overrides):

@@ -22,6 +22,7 @@ from bov.config import ConfigError
 from bov.model import GPT
 from bov.plan import resolve_bank_layers
 from bov.sweep import ClaimLock, StepPruning, format_summary, list_sweeps, load_sweep, summarize
+from conftest import sigint_default
 
 BOV = [sys.executable, "-m", "bov.cli"]
 
@@ -282,7 +283,7 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     path = write_sweep(tmp_path, seeds=[0], budget={"steps": 150, "match": "flops"}, overrides={"train.ckpt_every": 25})
     cmd = [*BOV, "sweep", str(path), "--heartbeat", "1"]
     proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_train.sigint_default
+                            preexec_fn=sigint_default)
     _wait_for((runs / "sweeps" / "mini-micro" / "none-seed0" / "last.ckpt").is_file, timeout=300, what="a checkpoint")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)

@@ -16,6 +16,7 @@ import pytest
 from bov.config import load_config
 from bov.model import build_model
 from bov.train import lr_factor, plan_budget, run_training
+from conftest import sigint_default
 
 BOV = [sys.executable, "-m", "bov.cli"]
 
@@ -26,12 +27,6 @@ def runs(tmp_path, monkeypatch):
     monkeypatch.setenv("BOV_PROGRESS", "0")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path / "runs"
-
-
-def sigint_default() -> None:
-    """In a child: take SIGINT as a terminal would deliver it. A suite started as a background job of a
-    non-interactive shell inherits SIGINT ignored (POSIX), and Python then keeps ignoring it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def env_with(runs_dir: Path) -> dict:

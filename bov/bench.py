@@ -99,9 +99,9 @@ def bench_train(preset: str, variants: list[str], steps: int, overrides: list[st
 
 # ----------------------------------------------------------------------------- cached inference
 
-def _measure_alloc(make, device) -> tuple[object, int]:
+def _measure_alloc(make, device, storage_bytes=lambda obj: obj.nbytes()) -> tuple[object, int]:
     """Build something and return it with the bytes it allocated: the CUDA allocator's count on a GPU,
-    the tensors' storages on CPU (no allocator statistics there)."""
+    `storage_bytes(obj)` (its tensors' storages) on CPU, which has no allocator statistics."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -109,7 +109,7 @@ def _measure_alloc(make, device) -> tuple[object, int]:
         torch.cuda.synchronize()
         return obj, torch.cuda.memory_allocated() - before
     obj = make()
-    return obj, obj.nbytes()
+    return obj, storage_bytes(obj)
 
 
 def _table_bytes(cfg, dtype, device) -> int:
@@ -118,16 +118,9 @@ def _table_bytes(cfg, dtype, device) -> int:
 
     with torch.device("meta"):
         shapes = GPT(cfg).banks.to(dtype)
-    _, n = _measure_alloc(lambda: _Sized(shapes.to_empty(device=device)), device)
+    _, n = _measure_alloc(lambda: shapes.to_empty(device=device), device,
+                          lambda banks: sum(p.untyped_storage().nbytes() for p in banks.parameters()))
     return n  # the tables are freed on return
-
-
-class _Sized:
-    def __init__(self, module):
-        self.module = module
-
-    def nbytes(self) -> int:
-        return sum(p.untyped_storage().nbytes() for p in self.module.parameters())
 
 
 def cache_memory(preset: str, variants: list[str], contexts: list[int], dtype=torch.bfloat16, device="cpu",

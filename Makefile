@@ -18,7 +18,7 @@ SWEEP_ARGS = $(if $(SCALE),--scale $(SCALE)) $(if $(SEEDS),--seeds $(SEEDS)) $(i
              $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE)) $(if $(BUDGET_STEPS),--steps $(BUDGET_STEPS))
 OPTUNA_STORAGE = $(or $(STORAGE),$(BOV_OPTUNA_STORAGE),sqlite:///$(abspath $(RUNS))/optuna.db)
 
-.PHONY: install test test-slow describe train sweep sweeps figures ui dashboard bench bench-train bench-infer generate clean
+.PHONY: install test test-slow describe train sweep sweeps figures ui dashboard bench bench-train bench-infer gpu-check prepare generate clean
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ dashboard: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(RUNS))/mlflow.db} --host 127.0.0.1 --port 5000
 
+## Tokenize PRESET's corpus once (tokenizer + token streams under the cache), for every later run and sweep cell.
+prepare: $(STAMP)
+	$(VENV)/bin/bov prepare --preset $(PRESET) --variant $(VARIANT)
+
 ## Training throughput per variant, then cached inference (cache bytes vs analytic, decode speed); results/bench/.
 bench: bench-train bench-infer
 
@@ -80,6 +84,11 @@ generate: $(STAMP)
 ## Cache memory at 135m (allocation only) and prefill/decode tokens/s at tiny; results/bench/infer_*.md, vcache.json.
 bench-infer: $(STAMP)
 	$(VENV)/bin/bov bench-infer
+
+## On one GPU, about 8 minutes, no network: matmul ceiling, attention kernels, decode equality, bf16 vs fp32,
+## cache bytes (allocator vs formula), decode speed, 135m/780m tokens/s and MFU -> results/bench/gpu_<device>.{json,md}.
+gpu-check: $(STAMP)
+	$(VENV)/bin/bov bench-gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bov.config import load_config
+from bov.train import device_peak_flops as _peak
 from bov.train import run_training
 
 RESULTS = Path("results/bench")
@@ -60,40 +61,67 @@ def peak_memory() -> tuple[int | None, str]:
     return None, "not measured"
 
 
-def bench_train(preset: str, variants: list[str], steps: int, overrides: list[str] | None = None, log=print) -> dict:
+def bench_cfg(preset: str, variant: str, steps: int, overrides: list[str] | None = None):
+    """A benchmark run: `steps` optimizer steps, no validation, no checkpoint, the `bench` experiment."""
+    return load_config(preset, variant, [f"train.max_steps={steps}", "train.max_tokens=null", "train.max_flops=null",
+                                         f"train.val_every={steps + 1}", "train.val_tokens=4096",
+                                         "tracking.experiment=bench", *(overrides or [])])
+
+
+def effective_settings(cfg) -> dict:
+    """What a run trained with, after --set overrides (not the preset's values)."""
+    from bov.train import _precision
+
+    t = cfg.train
+    return {"precision": _precision(cfg), "compile": t.compile, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+            "seq_len": cfg.model.seq_len, "tokens_per_step": t.batch_size * t.grad_accum * cfg.model.seq_len,
+            "optimizer": t.optimizer}
+
+
+def bench_train(preset: str, variants: list[str], steps: int, overrides: list[str] | None = None, log=print,
+                data=None, tag: str | None = None, command: str | None = None, out: Path = RESULTS) -> dict:
+    """Train each variant `steps` steps through the real training path; rows of tokens/s, MFU, peak memory.
+
+    `data` (a PreparedData) replaces the preset's corpus, e.g. random tokens for a GPU check."""
     rows = []
     for variant in variants:
-        cfg = load_config(preset, variant, [f"train.max_steps={steps}", "train.max_tokens=null", "train.max_flops=null",
-                                            f"train.val_every={steps}", "train.val_tokens=4096",
-                                            "tracking.experiment=bench", *(overrides or [])])
+        cfg = bench_cfg(preset, variant, steps, overrides)
         reset_peak_memory()
-        s = run_training(cfg, log=lambda m: None)
+        s = run_training(cfg, log=lambda m: None, data=data, bench=True)
         peak, _ = peak_memory()
-        mfu = (s["tokens_per_s"] * s["flops_per_token"] / cfg.train.peak_flops) if cfg.train.peak_flops else None
+        mfu = s.get("mfu")
         rows.append({"variant": variant, "tokens_per_s": round(s["tokens_per_s"]), "flops_per_token": s["flops_per_token"],
-                     "params": s["params"], "mfu": mfu, "peak_memory_bytes": peak, "run_id": s["run_id"]})
+                     "params": s["params"], "mfu": mfu, "peak_memory_bytes": peak, "train_loss": s["train_loss"],
+                     "run_id": s["run_id"]})
         log(f"{variant:<18} {s['tokens_per_s']:>10,.0f} tokens/s  {s['flops_per_token']:.3e} FLOPs/token"
             + (f"  MFU {mfu:.1%}" if mfu else "") + (f"  peak {peak / 2**20:,.0f} MiB" if peak else ""))
-    cfg = load_config(preset)
+    cfg = bench_cfg(preset, variants[0], steps, overrides)
+    sets = "".join(f" --set {o}" for o in overrides or [])
     result = {"preset": preset, "device": device_name(), "torch": torch.__version__, "steps": steps,
-              "precision": cfg.train.precision, "compile": cfg.train.compile,
-              "tokens_per_step": cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len,
-              "peak_memory": peak_memory()[1], "command": f"make bench-train PRESET={preset} STEPS={steps}", "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    (RESULTS / f"train_{preset}_{tag}.json").write_text(json.dumps(result, indent=2))
+              **effective_settings(cfg), "overrides": list(overrides or []),
+              "mfu_peak_flops": cfg.train.peak_flops or _peak(),
+              "peak_memory": peak_memory()[1],
+              "command": command or f"make bench-train PRESET={preset} STEPS={steps}" + (f" (bov bench-train{sets})" if sets else ""),
+              "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    tag = tag or ("gpu" if torch.cuda.is_available() else "cpu")
+    (out / f"train_{preset}_{tag}.json").write_text(json.dumps(result, indent=2))
     base = next((r["tokens_per_s"] for r in rows if r["variant"] == "baseline"), None)
     lines = [f"# Training throughput: {preset} on {result['device']}", "",
-             f"torch {result['torch']}, {steps} steps, {result['tokens_per_step']:,} tokens/step, "
-             f"precision {cfg.train.precision}, compile {cfg.train.compile}. Command: `{result['command']}`. "
-             f"Peak memory: {result['peak_memory']}, per variant.", "",
+             f"torch {result['torch']}, {steps} steps, {result['tokens_per_step']:,} tokens/step "
+             f"({result['batch_size']} x {result['grad_accum']} x {result['seq_len']}), precision {result['precision']}, "
+             f"compile {result['compile']}, optimizer {result['optimizer']}. Command: `{result['command']}`. "
+             f"Tokens/s over the steps after the first (compilation excluded), validation excluded. "
+             + (f"MFU against a bf16 peak of {result['mfu_peak_flops'] / 1e12:,.0f} TFLOP/s. " if result["mfu_peak_flops"]
+                else "No MFU: the device's bf16 peak is unknown (set train.peak_flops). ")
+             + f"Peak memory: {result['peak_memory']}, per variant.", "",
              "| variant | tokens/s | vs baseline | FLOPs/token | params | MFU | peak MiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         lines.append(f"| {r['variant']} | {r['tokens_per_s']:,} | {rel} | {r['flops_per_token']:.3e} | {r['params']:,} | {mfu} "
                      f"| {_mib(r['peak_memory_bytes'])} |")
-    (RESULTS / f"train_{preset}_{tag}.md").write_text("\n".join(lines) + "\n")
+    (out / f"train_{preset}_{tag}.md").write_text("\n".join(lines) + "\n")
     return result
 
 
@@ -151,7 +179,7 @@ def cache_memory(preset: str, variants: list[str], contexts: list[int], dtype=to
         if len(mine) >= 2:
             (t1, s1), (t2, s2) = [(r["context"], r["saved_vs_baseline"]) for r in (mine[0], mine[-1])]
             slope = (s2 - s1) / (t2 - t1)
-            t_star = round(t1 - s1 / slope) if slope > 0 else None  # None: never pays off
+            t_star = max(0, round(t1 - s1 / slope)) if slope > 0 else None  # None: never; 0: always
         for r in mine:
             r["break_even_context"] = t_star
     return rows
@@ -182,26 +210,28 @@ def _timed(fn, device) -> float:
 
 @torch.no_grad()
 def decode_speed(preset: str, variants: list[str], contexts: list[int], new_tokens: int, dtype=torch.float32,
-                 device="cpu", repeats: int = 3) -> list[dict]:
+                 device="cpu", repeats: int = 3, offload_banks: bool = False, overrides: list[str] | None = None) -> list[dict]:
     """Prefill tokens/s (one prompt of T tokens) and decode tokens/s (the next `new_tokens`, one at a time,
-    from the cache), batch 1, random weights; best of `repeats`."""
+    from the cache), batch 1, random weights; best of `repeats`. `offload_banks`: tables in host memory."""
     from bov.infer import KVCache
     from bov.model import build_model
 
     rows = []
     for variant in variants:
-        cfg = load_config(preset, variant, [f"model.seq_len={max(contexts) + new_tokens}"]).model
+        cfg = load_config(preset, variant, [*(overrides or []), f"model.seq_len={max(contexts) + new_tokens}"]).model
         torch.manual_seed(0)
         model = build_model(cfg, device).to(dtype).eval()
+        if offload_banks:
+            model.banks.to("cpu")
         for T in contexts:
             ids = torch.randint(0, cfg.vocab_size, (1, T + new_tokens), device=device)
             best_p = best_d = float("inf")
             for _ in range(repeats):
-                cache = KVCache.for_model(model, 1, T + new_tokens)
+                cache = KVCache.for_model(model, 1, T + new_tokens, offload_banks and len(model.banks) > 0)
                 best_p = min(best_p, _timed(lambda: model(ids[:, :T], cache), device))
                 best_d = min(best_d, _timed(lambda: [model(ids[:, t : t + 1], cache) for t in range(T, T + new_tokens)],
                                             device))
-            rows.append({"variant": variant, "context": T, "prefill_tokens_per_s": T / best_p,
+            rows.append({"variant": variant, "context": T, "offload_banks": offload_banks, "prefill_tokens_per_s": T / best_p,
                          "decode_tokens_per_s": new_tokens / best_d, "cache_bytes": cache.nbytes()})
     return rows
 
@@ -251,7 +281,7 @@ def bench_infer(memory_preset: str, speed_preset: str, variants: list[str], cont
         lines.append(f"| {r['variant']} | {r['context']:,} | {_mib(r['measured_bytes'])} | {_mib(r['analytic_bytes'])} | "
                      f"{r['rel_error']:.1e} | {r['layers_without_values']} | {r['value_bytes_of_those_layers']} | "
                      f"{_mib(r['table_bytes'])} | {_mib(r['saved_vs_baseline'])} | "
-                     f"{'-' if r['variant'] == 'baseline' else ('never' if be is None else f'{be:,}')} |")
+                     f"{'-' if r['variant'] == 'baseline' else ('never' if be is None else 'always' if be == 0 else f'{be:,}')} |")
     lines += ["", f"## V cache saved by BoV ({memory_preset}; `results/bench/vcache.json`, Figure 5a)", "",
               "| vocab | context | saved MiB |", "|---|---|---|"]
     lines += [f"| {p['vocab']:,} | {p['context']:,} | {_mib(p['saved_bytes'])} |" for p in points]

@@ -96,6 +96,36 @@ def train(
         typer.echo(f"unigram baseline on the same validation text: {summary['unigram_bpb']:.4f} bits/byte")
 
 
+@app.command("prepare")
+def prepare_cmd(
+    preset: str = PRESET,
+    variant: str = VARIANT,
+    set_: Optional[List[str]] = SET,
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="a streaming source: tokens to pack "
+                                         "(default: what the config's budget reads)"),
+) -> None:
+    """Tokenize a corpus once: the tokenizer and token streams every run, budget and sweep cell then reuses."""
+    import torch
+
+    from bov.data import DataError, check_source, prepare
+    from bov.model import GPT
+    from bov.train import plan_budget
+
+    cfg = load_or_exit(preset, variant, set_)
+    try:
+        check_source(cfg.data)
+        with torch.device("meta"):
+            fpt = GPT(cfg.model).flops_per_token(cfg.model.seq_len)
+        world = (cfg.train.devices if isinstance(cfg.train.devices, int) else 1) * cfg.train.num_nodes
+        need = tokens or plan_budget(cfg, fpt, world).tokens + cfg.model.seq_len + 1
+        data = prepare(cfg, stream_tokens=need if cfg.data.streaming else None, log=typer.echo)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"{cfg.data.source}: train {data.train.n_tokens:,} tokens, validation {data.val.n_tokens:,} tokens, "
+               f"vocabulary {len(data.token_bytes):,}; streams in {data.train.path.parent}, "
+               f"tokenizer {data.tokenizer_path}")
+
+
 @app.command("bench-train")
 def bench_train_cmd(
     preset: str = PRESET,
@@ -110,6 +140,35 @@ def bench_train_cmd(
     for v in names:
         load_or_exit(preset, v, set_)  # every variant valid before any compute
     bench_train(preset, names, steps, set_, log=typer.echo)
+
+
+@app.command("bench-gpu")
+def bench_gpu_cmd(
+    cpu: bool = typer.Option(False, "--cpu", help="the same sections at toy widths on the CPU (a dry run)"),
+    steps: int = typer.Option(12, "--steps", min=2, help="training steps per 135m/780m variant"),
+    only: Optional[str] = typer.Option(None, "--only", help="comma-separated sections (default: all): "
+                                       "matmul, window_equality, attention_kernels, decode_equality, bf16_vs_fp32, "
+                                       "cache_memory, decode_speed, train_135m, train_780m"),
+    out: Path = typer.Option(Path("results/bench"), "--out", help="where gpu_<device>.{json,md} go"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1, help="micro-batches per training step "
+                                             "(default 2 at 135m, 1 at 780m; the presets use 16 and 32)"),
+) -> None:
+    """The prepared GPU check (`make gpu-check`): matmul ceiling, attention kernels, decode equality, bf16,
+    cache bytes, decode speed, 135m/780m training tokens/s and MFU; writes results/bench/gpu_<device>.{json,md}."""
+    import torch
+
+    from bov.gpucheck import SECTIONS, gpu_check
+
+    chosen = [x.strip() for x in only.split(",") if x.strip()] if only else None
+    if chosen and (bad := [x for x in chosen if x not in SECTIONS]):
+        fail(f"--only: unknown section {bad[0]!r}; sections: {', '.join(SECTIONS)}")
+    if not cpu and not torch.cuda.is_available():
+        fail("no CUDA device here: run `make gpu-check` on a GPU machine, or `bov bench-gpu --cpu` for the dry run")
+    result = gpu_check(cpu=cpu, out=out, steps=steps, only=chosen, grad_accum=grad_accum, log=typer.echo)
+    failed = [k for k, v in result["sections"].items() if not v["ok"]]
+    typer.echo(f"written: {', '.join(result['files'])}")
+    if failed:
+        fail(f"sections that failed: {', '.join(failed)} (see the report)", code=1)
 
 
 def _ints(text: str, option: str) -> list[int]:

@@ -162,7 +162,7 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, gt=0, lt=1)
     val_source: str | None = None  # a separate validation corpus; else a document-level split
     max_docs: int | None = Field(None, ge=1)
-    num_proc: int = Field(2, ge=1)
+    num_proc: int | None = Field(None, ge=1)  # tokenizing processes; None: every core
     # Train only on N tokens of the training stream (a fixed random sample of its windows, the same
     # for every seed and variant), repeated as the budget needs: a count, or "0.5x" = half the
     # tokens the run trains on (repetition at fixed compute).
@@ -250,6 +250,7 @@ class ExperimentConfig(_Section):
         """Stable hash of everything that defines the run (names excluded)."""
         d = self.model_dump(mode="json")
         d.pop("tracking", None)
+        d["data"].pop("num_proc", None)  # how fast the data is made, not what it is
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

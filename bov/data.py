@@ -98,12 +98,20 @@ def check_source(cfg: DataConfig) -> None:
             except DataError:
                 raise DataError(f"{key}: no file matches {src!r}") from None
             continue
+        if hub_offline():
+            continue  # the usual cluster setup: datasets reads its own cache and asks no server
         try:
             from huggingface_hub import HfApi
 
             HfApi().dataset_info(src, timeout=10)
         except Exception as e:  # offline, unknown id, gated: all say the same thing to the user
-            raise DataError(f"{key}: hub dataset {src!r} is not reachable ({type(e).__name__})") from None
+            raise DataError(f"{key}: hub dataset {src!r} is not reachable ({type(e).__name__}); give local files "
+                            "instead (a path or glob of .jsonl/.parquet/.txt, compressed or not), or set "
+                            "HF_HUB_OFFLINE=1 to read a dataset already in the datasets cache") from None
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def load_documents(source: str, cfg: DataConfig):
@@ -118,9 +126,16 @@ def load_documents(source: str, cfg: DataConfig):
         files = [str(p) for p in _local_files(source)]
         kind = _kind(Path(files[0]))
         kwargs = {"sample_by": "document" if cfg.doc_split == "file" else "paragraph"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
+        # its Arrow cache under BOV_CACHE_DIR, not ~/.cache/huggingface: run state stays where it is told
+        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming,
+                                   cache_dir=str(cache_dir("datasets")), **kwargs)
     else:
-        ds = datasets.load_dataset(source, cfg.hub_config, split="train", streaming=cfg.streaming)
+        try:
+            ds = datasets.load_dataset(source, cfg.hub_config, split="train", streaming=cfg.streaming)
+        except Exception as e:
+            where = "is not in the datasets cache (HF_HUB_OFFLINE is set)" if hub_offline() else "could not be loaded"
+            raise DataError(f"data.source: hub dataset {source!r} {where} ({type(e).__name__}); give local files "
+                            "instead (a path or glob of .jsonl/.parquet/.txt)") from None
     plain_text = source == "stdlib" or (is_local(source) and _kind(Path(source)) == "text")
     field = "text" if plain_text else cfg.text_field  # jsonl, parquet and hub rows name their text field
     if field not in (ds.column_names or [field]):
@@ -228,16 +243,31 @@ def get_tokenizer(cfg: ExperimentConfig, train_texts: Callable[[], Iterator[str]
 
 @dataclass
 class TokenStream:
-    """One packed split: a flat token memmap plus its byte count."""
+    """One packed split: a flat token memmap plus its byte count.
+
+    `complete`: the whole source was packed; otherwise packing stopped at a token budget, and a
+    later, larger budget packs more. `head(n)` is the view a run with a budget of n tokens reads.
+    """
 
     path: Path
     n_tokens: int
     n_bytes: int
     n_docs: int
     dtype: str
+    complete: bool = True
 
     def array(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def serves(self, n: int | None) -> bool:
+        return self.complete or (n is not None and self.n_tokens >= n)
+
+    def head(self, n: int | None, token_bytes: np.ndarray) -> "TokenStream":
+        """The first n tokens (all when n is None or the stream is shorter), with their exact byte count."""
+        if n is None or n >= self.n_tokens:
+            return self
+        n_bytes = int(token_bytes[np.asarray(self.array()[:n])].sum())
+        return TokenStream(self.path, n, n_bytes, 0, self.dtype, complete=False)
 
 
 def _sha256_file(path: Path) -> str:
@@ -257,7 +287,8 @@ def _load_cached(bin_path: Path) -> TokenStream | None:
         itemsize = np.dtype(meta["dtype"]).itemsize
         if bin_path.stat().st_size != meta["n_tokens"] * itemsize or _sha256_file(bin_path) != meta["sha256"]:
             return None
-        return TokenStream(bin_path, meta["n_tokens"], meta["n_bytes"], meta["n_docs"], meta["dtype"])
+        return TokenStream(bin_path, meta["n_tokens"], meta["n_bytes"], meta["n_docs"], meta["dtype"],
+                           meta.get("complete", True))
     except (ValueError, KeyError, OSError):
         return None
 
@@ -275,10 +306,11 @@ def _pack(docs, tok, bos_id: int, bin_path: Path, num_proc: int, max_tokens: int
     if isinstance(docs, datasets.Dataset):
         nproc = num_proc if len(docs) >= 64 * num_proc else None
         enc = docs.map(encode, batched=True, batch_size=256, num_proc=nproc, remove_columns=["text"])
-    else:  # streaming: no num_proc; stop at the token budget
-        enc = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"])
+    else:  # streaming: one process, stopping at the token budget; encode_batch runs on every core itself
+        enc = docs.map(encode, batched=True, batch_size=4096, remove_columns=["text"])
     tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
     n_tokens = n_bytes = n_docs = 0
+    complete = True
     with open(tmp, "wb") as f:
         for row in enc:
             f.write(np.asarray(row["ids"], dtype=dtype).tobytes())
@@ -286,15 +318,16 @@ def _pack(docs, tok, bos_id: int, bin_path: Path, num_proc: int, max_tokens: int
             n_bytes += row["n_bytes"]
             n_docs += 1
             if max_tokens is not None and n_tokens >= max_tokens:
+                complete = False  # stopped at the budget: a larger budget packs again
                 break
     if n_tokens < 2:
         tmp.unlink()
         raise DataError(f"data.source: split {bin_path.stem!r} is empty after tokenization")
     meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_docs": n_docs, "dtype": np.dtype(dtype).name,
-            "sha256": _sha256_file(tmp)}
+            "sha256": _sha256_file(tmp), "complete": complete}
     os.replace(tmp, bin_path)  # data first, then the meta that vouches for it
     _atomic_write_text(bin_path.with_suffix(".json"), json.dumps(meta))
-    return TokenStream(bin_path, n_tokens, n_bytes, n_docs, meta["dtype"])
+    return TokenStream(bin_path, n_tokens, n_bytes, n_docs, meta["dtype"], complete)
 
 
 @dataclass
@@ -317,8 +350,10 @@ class PreparedData:
 def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) -> PreparedData:
     """Build (or reuse) the tokenizer and the packed train/val streams for a config.
 
-    With `data.streaming`, the train split packs `stream_tokens` tokens (what the run's
-    budget reads); the streams' cache key includes that count, so a larger budget rebuilds them.
+    Streams are cached by (source, tokenizer, split settings), never by budget. With `data.streaming`
+    the train split packs `stream_tokens` tokens (what the run's budget reads); a cached stream at least
+    that long serves the run (as its first `stream_tokens` tokens, so what a run reads does not depend
+    on what was cached before), and only a longer budget packs again.
     """
     d = cfg.data
     check_source(d)
@@ -347,21 +382,22 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
     if bos_id is None:
         bos_id = tok.get_vocab_size() - 1 if cfg.data.tokenizer else 0
     tok_hash = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
-    key = f"{corpus_fp}:{tok_hash}" + (f":{stream_tokens}" if d.streaming else "")  # budget keys streams, not the BPE
+    key = f"{corpus_fp}:{tok_hash}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = cache_dir("tokens") / fingerprint
     root.mkdir(parents=True, exist_ok=True)
     # A stream has no end: pack what the run will read (train) and twice the validation budget.
     limits = {"train": stream_tokens, "val": 2 * cfg.train.val_tokens} if d.streaming else {"train": None, "val": None}
+    token_bytes = token_byte_lengths(tok)
     streams = {}
     for name in ("train", "val"):
         path = root / f"{name}.bin"
         stream = _load_cached(path)
-        if stream is None:
+        if stream is None or not stream.serves(limits[name]):
             log(f"tokenizing {name} split of {d.source} -> {path}")
-            stream = _pack(split_docs()[name], tok, bos_id, path, d.num_proc, limits[name])
-        streams[name] = stream
-    return PreparedData(streams["train"], streams["val"], token_byte_lengths(tok), tok_path, fingerprint, bos_id)
+            stream = _pack(split_docs()[name], tok, bos_id, path, d.num_proc or os.cpu_count() or 1, limits[name])
+        streams[name] = stream.head(limits[name], token_bytes)
+    return PreparedData(streams["train"], streams["val"], token_bytes, tok_path, fingerprint, bos_id)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -390,27 +426,37 @@ class TrainWindows(torch.utils.data.IterableDataset):
         self.pool = None
         if self.n_windows < total:
             g = torch.Generator().manual_seed(UNIQUE_SAMPLE_SEED)
-            self.pool = torch.randperm(total, generator=g)[: self.n_windows]
-        self._perm: tuple[int, torch.Tensor] | None = None
+            self.pool = torch.randperm(total, generator=g)[: self.n_windows].numpy()
+        self._perm: tuple[int, np.ndarray] | None = None
 
-    def window(self, k: int) -> int:
-        epoch, i = divmod(k, self.n_windows)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n_windows, generator=g))
-        w = self._perm[1][i]
-        return int(w if self.pool is None else self.pool[w])
+    def windows(self, ks: np.ndarray) -> np.ndarray:
+        """Sample numbers -> window indices in the stream."""
+        epochs, pos = np.divmod(ks, self.n_windows)
+        out = np.empty_like(ks)
+        for e in np.unique(epochs):  # a batch spans at most two epochs
+            if self._perm is None or self._perm[0] != e:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(e))
+                self._perm = (int(e), torch.randperm(self.n_windows, generator=g).numpy())
+            sel = epochs == e
+            out[sel] = self._perm[1][pos[sel]]
+        return out if self.pool is None else self.pool[out]
+
+    def micro_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch at micro-step `step`: one global micro-batch is world * batch samples."""
+        base = step * self.world * self.batch + self.rank * self.batch
+        w = self.windows(np.arange(base, base + self.batch))
+        rows = np.asarray(self.stream.array()[(w * self.T)[:, None] + np.arange(self.T + 1)], dtype=np.int64)
+        chunk = torch.from_numpy(rows)  # gathered in one vectorized read
+        return chunk[:, :-1], chunk[:, 1:]
 
     def __iter__(self):
-        data = self.stream.array()
-        step = self.start
-        while True:  # one global micro-batch = world * batch samples; this rank takes its slice
-            base = step * self.world * self.batch + self.rank * self.batch
-            for j in range(self.batch):
-                w = self.window(base + j)
-                chunk = torch.from_numpy(data[w * self.T : w * self.T + self.T + 1].astype(np.int64))
-                yield chunk[:-1], chunk[1:]
-            step += 1
+        info = torch.utils.data.get_worker_info()
+        step, stride = self.start, 1
+        if info is not None:  # DataLoader workers take turns, and the loader hands their batches out in turn
+            step, stride = self.start + info.id, info.num_workers
+        while True:
+            yield self.micro_batch(step)
+            step += stride
 
 
 class ValWindows(torch.utils.data.Dataset):
@@ -446,7 +492,11 @@ class TokenDataModule(pl.LightningDataModule):
         step = self.trainer.global_step if self.trainer is not None else 0  # restored before loaders on resume
         ds = TrainWindows(self.data.train, self.cfg.model.seq_len, self.cfg.train.seed,
                           step * self.cfg.train.grad_accum, rank, world, self.cfg.train.batch_size, self.unique_tokens)
-        return torch.utils.data.DataLoader(ds, batch_size=self.cfg.train.batch_size, num_workers=0)
+        # On a GPU, two workers gather the next batches into pinned memory while the GPU trains; on a CPU
+        # the cores are the trainer's, and a vectorized gather costs little.
+        gpu = torch.cuda.is_available()
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2 if gpu else 0, pin_memory=gpu,
+                                           persistent_workers=gpu)
 
     def val_dataloader(self):
         rank, world = self._rank_world()

@@ -4,7 +4,8 @@ Every layer caches its keys. Values are cached only where they depend on context
 (`LayerPlan.value_cache == "values"`): a BoV layer keeps nothing and gathers
 `b * E_v[ids]` from the token ids (cached once, for all layers) when it attends; an
 SVFormer layer rescales layer 0's cached values; ResFormer, value-embedding and
-Depth-Attention layers cache their mixed values, as the baseline caches its own.
+Depth-Attention layers cache their mixed values, as the baseline caches its own. A
+sliding-window layer keeps only its last `window` positions, in a ring.
 The model's forward pass takes the cache as an argument (bov.model.GPT.forward).
 """
 
@@ -16,17 +17,35 @@ from pathlib import Path
 import torch
 
 from bov.config import ExperimentConfig, ModelConfig, validate
-from bov.model import GPT
+from bov.model import GPT, layer_windows
 from bov.plan import build_plan
 
 IDS_DTYPE = torch.long
 
 
+def cache_lengths(cfg: ModelConfig, max_len: int) -> tuple[list[int], list[int]]:
+    """Positions kept per layer for keys and for values, in a cache for sequences of up to max_len tokens.
+
+    A window layer keeps its last `window` keys (a ring); a full layer keeps all. Values follow the keys
+    where the plan caches them (0 where it caches none), except that layer 0's values are also read by
+    the layers that rebuild theirs from V_0 (SVFormer, v1 targets), so they reach as far back as those do.
+    """
+    plan = build_plan(cfg)
+    windows = layer_windows(cfg)
+    reach = [min(w or max_len, max_len) for w in windows]
+    values = [r if p.value_cache == "values" else 0 for p, r in zip(plan, reach)]
+    readers = [r for p, r in zip(plan, reach) if p.value_cache == "first_layer"]
+    if readers:
+        values[0] = max([values[0], *readers])
+    return reach, values
+
+
 class KVCache:
     """Preallocated cache for `batch` sequences of up to `max_len` tokens.
 
-    `ids` [B, max_len] are shared by all layers; `k[l]` [B, max_len, H_kv, d_h] for every
-    layer; `v[l]` the same shape where the layer's plan caches values, else None.
+    `ids` [B, max_len] are shared by all layers; `k[l]` [B, n, H_kv, d_h] for every layer, n = max_len or,
+    for a sliding-window layer, its window (a ring: position p lives in slot p % n); `v[l]` likewise where the
+    layer's plan caches values, else None (`cache_lengths`).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -35,12 +54,14 @@ class KVCache:
             raise ValueError(f"KVCache: batch ({batch}) and max_len ({max_len}) must be >= 1")
         self.plan = build_plan(cfg)
         self.batch, self.max_len = batch, max_len
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        # empty, not zeros: positions past `length` are never read
+        klen, vlen = cache_lengths(cfg, max_len)
+
+        def buf(n: int) -> torch.Tensor | None:  # empty, not zeros: slots not yet written are never read
+            return torch.empty(batch, n, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device) if n else None
+
         self.ids = torch.empty(batch, max_len, dtype=IDS_DTYPE, device=device)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in self.plan]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) if p.value_cache == "values" else None
-                  for p in self.plan]
+        self.k = [buf(n) for n in klen]
+        self.v = [buf(n) for n in vlen]
         self.length = 0  # tokens cached
         self.start = self.end = 0  # the positions of the forward pass in progress
         self.banks = banks  # None: the model's own tables
@@ -64,11 +85,19 @@ class KVCache:
         if self.banks is not None:
             self.banks.prefetch(ids)
 
-    def put(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        """Store the new positions of layer's keys ("k") or values ("v"); return all positions so far."""
+    def extend(self, layer: int, kind: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Store the new positions of layer's keys ("k") or values ("v"); return (history, first position):
+        every position the buffer held before this pass, then the new ones."""
         buf = (self.k if kind == "k" else self.v)[layer]
-        buf[:, self.start : self.end] = x
-        return buf[:, : self.end]
+        n, T = buf.size(1), x.size(1)
+        if n == self.max_len:  # a full buffer: slot = position, the history is a view
+            buf[:, self.start : self.end] = x
+            return buf[:, : self.end], 0
+        first = max(0, self.start - n)  # a ring: read what it holds before overwriting it
+        old = buf[:, torch.arange(first, self.start, device=buf.device) % n]
+        keep = min(T, n)
+        buf[:, torch.arange(self.end - keep, self.end, device=buf.device) % n] = x[:, T - keep :]
+        return torch.cat([old, x], dim=1), first
 
     def commit(self) -> None:
         self.length = self.end
@@ -137,23 +166,18 @@ class OffloadedBanks:
 
 
 def analytic_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, bytes_per: int = 2) -> dict[str, int]:
-    """The cache size from the spec's formula (section 2), from the config axes alone.
+    """The cache size from the spec's formula (section 2), with the plan's value caches and the windows.
 
-    keys: L * H_kv * d_h * b * T; values: the same for every layer except those whose value
-    is context-free and scaled by constants (bank targets replacing V; SVFormer-style V_0
-    targets after layer 0); ids: T * 8 bytes.
+    keys: H_kv * d_h * b per kept position, T positions for a full layer and min(T, window) for a window
+    layer; values: the same where the layer caches them (`LayerPlan.value_cache == "values"`; layer 0 also as
+    far back as the layers that rebuild from V_0 read); ids: T * 8 bytes.
     """
-    from bov.plan import resolve_bank_layers
-
-    per_layer = batch * context * cfg.n_kv_heads * cfg.head_dim * bytes_per
-    targets = resolve_bank_layers(cfg.bank_layers, cfg.n_layers)
-    context_free = (cfg.value_mode == "context_free" and cfg.value_coeff != "gate" and not cfg.depth_attention
-                    and cfg.value_source in ("bank", "v1"))
-    no_values = [l for l in targets if context_free and not (cfg.value_source == "v1" and l == 0)]
+    per_position = batch * cfg.n_kv_heads * cfg.head_dim * bytes_per
+    klen, vlen = cache_lengths(cfg, context)
     ids = batch * context * torch.tensor([], dtype=IDS_DTYPE).element_size()
-    keys, values = cfg.n_layers * per_layer, (cfg.n_layers - len(no_values)) * per_layer
+    keys, values = sum(klen) * per_position, sum(vlen) * per_position
     return {"keys": keys, "values": values, "ids": ids, "total": keys + values + ids,
-            "layers_without_values": len(no_values)}
+            "layers_without_values": sum(n == 0 for n in vlen)}
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -189,6 +213,18 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
         if i + 1 < max_new_tokens:
             logits = model(nxt[:, None], cache)[:, -1]
     return torch.stack(out, dim=1) if out else prompt.new_empty(prompt.size(0), 0)
+
+
+@torch.no_grad()
+def decode_error(model: GPT, ids: torch.Tensor, prefill: int, chunk: int) -> float:
+    """Max |logits| difference between one full forward pass over ids [B, T] and cached decoding of the same
+    tokens: a prefill of `prefill` tokens, one chunk of `chunk`, then one token at a time."""
+    B, T = ids.shape
+    full = model(ids)
+    cache = KVCache.for_model(model, B, T)
+    steps = [model(ids[:, :prefill], cache), model(ids[:, prefill : prefill + chunk], cache)]
+    steps += [model(ids[:, t : t + 1], cache) for t in range(prefill + chunk, T)]
+    return (torch.cat(steps, 1) - full).abs().max().item()
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -12,13 +12,77 @@ comparisons across variants are paired at initialization.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bov.config import GATE_CHANNELS, ModelConfig
 from bov.plan import LayerPlan, build_plan, num_banks
+
+# How sliding-window layers attend in a full forward pass (no cache):
+#   "flex":   FlexAttention with a sliding-window block mask: a fused kernel that scores only the blocks
+#             inside the window (CUDA; on CPU it runs forward only, unfused).
+#   "blocks": SDPA over query blocks of `window` positions, each against the 2 * window keys it can see:
+#             about 2x the window's work instead of T / window x; any device, with gradients.
+#   "mask":   SDPA with a dense boolean mask: scores every (query, key) pair; the reference.
+#   "auto":   flex on CUDA, blocks elsewhere.
+WINDOW_KERNEL = "auto"
+
+
+def window_kernel(device: torch.device) -> str:
+    return ("flex" if device.type == "cuda" else "blocks") if WINDOW_KERNEL == "auto" else WINDOW_KERNEL
+
+
+def blocked_window_attention(q, k, v, window: int) -> torch.Tensor:
+    """Causal sliding-window attention (key j seen by query i iff i - window < j <= i) as SDPA over blocks.
+
+    q, k, v [B, H, T, dh] (k, v already expanded to H heads). Query block b (positions bW..bW+W-1) sees
+    keys (b-1)W..bW+W-1, so each block is one small SDPA call with a fixed [W, 2W] mask.
+    """
+    B, H, T, dh = q.shape
+    W = window
+    n = -(-T // W)
+    pad = n * W - T
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, dh)
+    kv = [F.pad(t, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2) for t in (k, v)]  # [B, H, n, 2W, dh]
+    r = torch.arange(W, device=q.device)[:, None]  # query offset in its block
+    c = torch.arange(2 * W, device=q.device)[None, :]  # key offset from the previous block's start
+    mask = ((c > r) & (c <= r + W)).expand(n, W, 2 * W).clone()
+    mask[0, :, :W] = False  # block 0 has no previous block (those keys are padding)
+    y = F.scaled_dot_product_attention(qb, kv[0], kv[1], attn_mask=mask)
+    return y.reshape(B, H, n * W, dh)[:, :, :T]
+
+
+_compiled_flex = None
+
+
+def _flex():
+    """FlexAttention: as is inside a compiled model; compiled once per process for an eager one (eager flex
+    materializes the scores)."""
+    global _compiled_flex
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+@torch.compiler.disable  # built eagerly, once per (length, window, device); the compiled graph reads it
+def sliding_window_block_mask(T: int, window: int, device: torch.device):
+    """Causal sliding window as a FlexAttention block mask: key j is seen by query i iff i - window < j <= i."""
+    return _block_mask(T, window, str(device))
+
+
+@lru_cache(maxsize=64)
+def _block_mask(T: int, window: int, device: str):
+    def in_window(b, h, q, k):
+        return (k <= q) & (q - k < window)
+
+    return create_block_mask(in_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
 def norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -48,6 +112,29 @@ class Rotary(nn.Module):
         sin = self.sin[offset : offset + T, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+@dataclass
+class Pass:
+    """What one forward pass shares with every layer, so no layer signature grows with a new value source.
+
+    `earlier[l]` holds the (key, value after mixing) that layer l attended with, for the layers a later
+    layer reads (layer 0 for V_0; Depth-Attention's candidates). With a cache, `value_history[l]` is layer
+    l's value over its stored history and the new positions, with the first of those positions.
+    """
+
+    ids: torch.Tensor
+    x0: torch.Tensor
+    banks: object  # the model's tables, or an offloading cache's
+    rope: Rotary
+    cache: object | None = None  # bov.infer.KVCache
+    window_masks: dict = field(default_factory=dict)  # window -> FlexAttention block mask
+    earlier: dict = field(default_factory=dict)
+    value_history: dict = field(default_factory=dict)
+
+    @property
+    def v0(self) -> torch.Tensor | None:
+        return self.earlier[0][1] if 0 in self.earlier else None
 
 
 class ValueMix(nn.Module):
@@ -117,47 +204,76 @@ class Attention(nn.Module):
                          alt.view(B, T, self.n_kv, self.dh), x)
         return v.view(B, T, self.n_kv, self.dh)
 
-    def depth_mix(self, q, k, v, depth):
+    def depth_mix(self, q, k, v, earlier: dict):
         """Depth-Attention: per position and KV head, attend over earlier layers' (key, mixed value) and self."""
         B, T = q.shape[:2]
         qbar = q.view(B, T, self.n_kv, self.n_heads // self.n_kv, self.dh).mean(3)
-        keys = torch.stack([depth[j][0] for j in self.plan.depth_candidates] + [k], dim=3)  # [B, T, Hkv, J, dh]
-        vals = torch.stack([depth[j][1] for j in self.plan.depth_candidates] + [v], dim=3)
+        keys = torch.stack([earlier[j][0] for j in self.plan.depth_candidates] + [k], dim=3)  # [B, T, Hkv, J, dh]
+        vals = torch.stack([earlier[j][1] for j in self.plan.depth_candidates] + [v], dim=3)
         w = torch.einsum("btgd,btgjd->btgj", qbar.float(), keys.float()) / math.sqrt(self.dh)
         return torch.einsum("btgj,btgjd->btgd", w.softmax(-1).to(v.dtype), vals)
 
-    def cached(self, cache, k, v, banks):
-        """Decoding: store the new positions' keys (and values, if the plan keeps them); return the whole history's."""
-        keys = cache.put(self.plan.layer, "k", k)
+    def cached(self, ctx: Pass, k, v):
+        """Decoding: store the new positions' keys (and values, if the plan keeps them); return the keys and
+        values of the positions the new queries may see, and the first of those positions.
+
+        A window layer's cache is a ring of its last `window` positions (bov.infer.KVCache)."""
+        cache = ctx.cache
+        keys, first = cache.extend(self.plan.layer, "k", k)
+        lo = first if self.window is None else max(first, cache.start - self.window + 1)
         kind = self.plan.value_cache
         if kind == "values":
-            return keys, cache.put(self.plan.layer, "v", v)
-        # nothing stored: rebuilt from the token ids (bank rows) or from layer 0's cached values
-        ids = cache.ids[:, : cache.end]
-        v0 = cache.v[0][:, : cache.end] if kind == "first_layer" else None
-        return keys, self.value(None, ids, None, v0, banks)
+            values, vfirst = cache.extend(self.plan.layer, "v", v)
+            ctx.value_history[self.plan.layer] = (values, vfirst)
+            values = values[:, lo - vfirst :]
+        else:  # nothing stored: rebuilt from the token ids (bank rows) or from layer 0's cached values
+            ids = cache.ids[:, lo : cache.end]
+            v0 = None
+            if kind == "first_layer":
+                hist, v0_first = ctx.value_history[0]
+                v0 = hist[:, lo - v0_first :]
+            values = self.value(None, ids, None, v0, ctx.banks)
+        return keys[:, lo - first :], values, lo
 
-    def forward(self, x, ids, x0, v0, banks, rope: Rotary, depth, cache=None):
-        B, T, _ = x.shape
-        start = 0 if cache is None else cache.start  # position of the first new token
-        q = rope(norm(self.q_proj(x).view(B, T, self.n_heads, self.dh), self.eps), start)
-        k = rope(norm(self.k_proj(x).view(B, T, self.n_kv, self.dh), self.eps), start)
-        v = self.value(x, ids, x0, v0, banks)
-        if self.plan.depth_candidates:
-            v = self.depth_mix(q, k, v, depth)
-        keys, values = (k, v) if cache is None else self.cached(cache, k, v, banks)
+    def attend(self, q, keys, values, first: int, ctx: Pass):
+        """Softmax attention of the new queries over `keys`/`values` (positions first, first + 1, ...)."""
+        B, T = q.shape[:2]
         S = keys.size(1)
-        mask, causal = None, cache is None
-        if (self.window is not None and self.window < S) or (cache is not None and T > 1):
-            i = torch.arange(start, start + T, device=x.device)[:, None]  # queries; keys are 0..S-1
-            j = torch.arange(S, device=x.device)[None, :]
-            mask, causal = (j <= i) & (i - j < (self.window or S)), False  # keys in (i - window, i]
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads,
-        ).transpose(1, 2)
+        start = 0 if ctx.cache is None else ctx.cache.start
+        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        gqa = self.n_kv != self.n_heads
+        windowed = self.window is not None and self.window < start + T
+        if ctx.cache is None and windowed:
+            kernel = window_kernel(q.device)
+            if kernel == "flex":  # flex does not autocast: give it one dtype, the autocast one under bf16-mixed
+                dt = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+                q, keys, values = q.to(dt), keys.to(dt), values.to(dt)
+                return _flex()(q, keys, values, block_mask=ctx.window_masks[self.window], enable_gqa=gqa)
+            if kernel == "blocks":
+                rep = self.n_heads // self.n_kv
+                keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+                return blocked_window_attention(q, keys, values, self.window)
+        mask, causal = None, ctx.cache is None
+        if ctx.cache is not None and T == 1 and (not windowed or S <= self.window):
+            causal = False  # one new query sees every key kept for it
+        elif windowed or ctx.cache is not None:
+            i = torch.arange(start, start + T, device=q.device)[:, None]  # query positions
+            j = torch.arange(first, first + S, device=q.device)[None, :]  # key positions
+            mask, causal = (j <= i) & (i - j < (self.window or (start + T))), False  # keys in (i - window, i]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+    def forward(self, x, ctx: Pass):
+        B, T, _ = x.shape
+        start = 0 if ctx.cache is None else ctx.cache.start  # position of the first new token
+        q = ctx.rope(norm(self.q_proj(x).view(B, T, self.n_heads, self.dh), self.eps), start)
+        k = ctx.rope(norm(self.k_proj(x).view(B, T, self.n_kv, self.dh), self.eps), start)
+        v = self.value(x, ctx.ids, ctx.x0, ctx.v0, ctx.banks)
+        if self.plan.depth_candidates:
+            v = self.depth_mix(q, k, v, ctx.earlier)
+        keys, values, first = (k, v, 0) if ctx.cache is None else self.cached(ctx, k, v)
+        y = self.attend(q, keys, values, first, ctx).transpose(1, 2)
         if self.plan.neutreno is not None:  # NeuTRENO: U_l = A_l V_l + lam (V_0 - V_l)
-            y = y + self.plan.neutreno * (v0 - v).repeat_interleave(self.n_heads // self.n_kv, dim=2)
+            y = y + self.plan.neutreno * (ctx.v0 - v).repeat_interleave(self.n_heads // self.n_kv, dim=2)
         return self.o_proj(y.reshape(B, T, -1)), v, k
 
 
@@ -182,8 +298,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, plan, window)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ids, x0, v0, banks, rope, depth, cache=None):
-        a, v, k = self.attn(norm(x, self.eps), ids, x0, v0, banks, rope, depth, cache)
+    def forward(self, x, ctx: Pass):
+        a, v, k = self.attn(norm(x, self.eps), ctx)
         x = x + a
         return x + self.mlp(norm(x, self.eps)), v, k
 
@@ -208,32 +324,35 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
         self.depth_sources = {j for p in self.plan for j in p.depth_candidates}  # layers a depth step reads
+        self.windows = {w for w in layer_windows(cfg) if w is not None}
         # DenseFormer: after block l, x = sum_j alpha[l][j] * out_j over the embedding and blocks 0..l
         self.dwa = nn.ParameterList(nn.Parameter(torch.empty(l + 2)) for l in range(cfg.n_layers)) if cfg.denseformer else None
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, vocab] (fp32).
+    def forward(self, ids: torch.Tensor, cache=None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, vocab] (fp32); with `targets` [B, T], the loss per token in nats [B, T].
+
+        The loss is computed here, not by the caller, so that under torch.compile the unembedding, soft-cap
+        and cross-entropy are one compiled region and the fp32 logits never leave it.
 
         With a `bov.infer.KVCache`, ids are the next T tokens after those already cached,
         and attention reads the cached keys and values. Everything else in the pass
         (value mixing, depth mixing, NeuTRENO, DenseFormer) is per position.
         """
         eps = self.cfg.norm_eps
+        masks = self.window_masks(ids.size(1), ids.device, cache)  # first: under compile, the one graph break
         banks = self.banks
         if cache is not None:
             cache.begin(ids)
             if cache.banks is not None:  # an offloading cache serves the bank rows itself
                 banks = cache.banks
         x = x0 = norm(self.wte(ids), eps)
-        v0 = None
-        depth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (key, mixed value)
+        ctx = Pass(ids, x0, banks, self.rope, cache, masks)
         outputs = [x]  # DenseFormer's history of block outputs
         for l, block in enumerate(self.blocks):
-            x, v, k = block(x, ids, x0, v0, banks, self.rope, depth, cache)
-            v0 = v if v0 is None else v0
-            if l in self.depth_sources:
-                depth[l] = (k, v)
+            x, v, k = block(x, ctx)
+            if l == 0 or l in self.depth_sources:  # V_0, and what a later depth step reads
+                ctx.earlier[l] = (k, v)
             if self.dwa is not None:
                 outputs.append(x)
                 x = sum(w * h for w, h in zip(self.dwa[l], outputs))
@@ -243,7 +362,15 @@ class GPT(nn.Module):
         if self.cfg.logit_softcap is not None:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)
-        return logits
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+
+    def window_masks(self, T: int, device: torch.device, cache=None) -> dict:
+        """Block masks for the layers whose window is shorter than T, when they attend through FlexAttention."""
+        if cache is not None or window_kernel(device) != "flex":
+            return {}
+        return {w: sliding_window_block_mask(T, w, device) for w in self.windows if w < T}
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

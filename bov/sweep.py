@@ -608,13 +608,15 @@ def worker_loop(sweep: Sweep, storage_url: str, heartbeat: int, parent_run_id: s
 
 
 def _worker_main(index: int, workers: int, sweep: Sweep, storage_url: str, heartbeat: int,
-                 parent_run_id: str, retry_failed: bool, runs: str) -> None:
+                 parent_run_id: str, retry_failed: bool, runs: str, gpus: int = 0) -> None:
     """Entry point of a spawned worker: its own GPU (if several), its share of CPU threads."""
     os.environ["BOV_RUNS_DIR"] = runs
+    if gpus > 1:  # before torch is imported here, so CUDA never initialises with every GPU visible
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
     import torch
 
-    if torch.cuda.device_count() > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % torch.cuda.device_count())
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     try:
         worker_loop(sweep, storage_url, heartbeat, parent_run_id, retry_failed,
@@ -695,8 +697,11 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")
+            import torch
+
+            gpus = torch.cuda.device_count()  # NVML's count: does not initialise CUDA in this process
             procs = [ctx.Process(target=_worker_main, args=(i, workers, sweep, url, heartbeat, parent, retry_failed,
-                                                             str(runs_dir().resolve())), daemon=False)
+                                                             str(runs_dir().resolve()), gpus), daemon=False)
                      for i in range(workers)]
             for p in procs:
                 p.start()

@@ -21,7 +21,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -115,6 +114,22 @@ def data_regime(cfg: ExperimentConfig, budget: Budget, available: int, params: d
     return DataRegime(available, limit or available, budget.tokens, total, total - params["embedding"] - params["bank"])
 
 
+# Dense bf16 peaks (vendor datasheets, FLOP/s) for MFU; `train.peak_flops` overrides. Matched in order
+# against the CUDA device name.
+BF16_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+                   ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+                   ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12))
+
+
+def device_peak_flops(name: str | None = None) -> float | None:
+    """The bf16 peak of this process's GPU (or of a device name); None where unknown (a CPU: no MFU)."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name(0)
+    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)
+
+
 def lr_factor(step: int, total: int, cfg) -> float:
     """Multiplier on every group's LR: linear warmup, then constant / cosine / warmup-stable-decay."""
     if step < cfg.warmup_steps:
@@ -134,14 +149,46 @@ def lr_factor(step: int, total: int, cfg) -> float:
 # ----------------------------------------------------------------------------- module
 
 
-class LitBoV(pl.LightningModule):
-    """Any variant. Manual optimization so Muon (matrices) and AdamW (the rest) step together."""
+class MatricesAndRest(torch.optim.Optimizer):
+    """Muon for the matrices and AdamW for the rest, as one optimizer: one step, one LR schedule, one
+    gradient clip, so Lightning's automatic optimization (accumulation, clipping, DDP's skipped all-reduce
+    on non-final micro-batches) drives both. `param_groups` are the inner optimizers' own group dicts."""
 
-    def __init__(self, cfg: ExperimentConfig, budget: Budget, token_bytes: torch.Tensor, tokenizer_json: str | None = None):
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state["optimizers"] if "optimizers" in state else [state]  # a checkpoint of one plain AdamW
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"checkpoint holds {len(states)} optimizer states, this run has {len(self.optimizers)}")
+        for o, st in zip(self.optimizers, states):
+            o.load_state_dict(st)
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+
+class LitBoV(pl.LightningModule):
+    """Any variant. The step is nanoGPT's loop body; Lightning accumulates, clips, steps and schedules."""
+
+    def __init__(self, cfg: ExperimentConfig, budget: Budget, token_bytes: torch.Tensor, tokenizer_json: str | None = None,
+                 peak_flops: float | None = None):
         super().__init__()
         self.cfg, self.budget = cfg, budget
         self.tokenizer_json = tokenizer_json
-        self.automatic_optimization = False
+        self.peak_flops = peak_flops  # the device's bf16 peak, for MFU (None: unknown device)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model)
         self.register_buffer("token_bytes", token_bytes, persistent=False)
@@ -151,8 +198,8 @@ class LitBoV(pl.LightningModule):
         self._accum_loss: torch.Tensor | float = 0.0
         self._last_loss: torch.Tensor | None = None
 
-    def forward(self, ids):
-        return self.model(ids)
+    def forward(self, ids, targets=None):
+        return self.model(ids, targets=targets)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["bov"] = checkpoint_extras(self.cfg, self.tokenizer_json)  # `bov generate` reads it
@@ -166,51 +213,34 @@ class LitBoV(pl.LightningModule):
         wd = {"matrix": t.weight_decay, "embedding": 0.0, "unembedding": 0.0, "bank": t.bank_weight_decay, "scalar": 0.0}
         adam_groups = [{"params": ps, "lr": lr[k], "weight_decay": wd[k], "name": k}
                        for k, ps in groups.items() if ps and not (k == "matrix" and t.optimizer == "muon")]
-        fused = torch.cuda.is_available()
-        opts = [torch.optim.AdamW(adam_groups, betas=t.betas, eps=1e-10, fused=fused)]
+        opt = torch.optim.AdamW(adam_groups, betas=t.betas, eps=1e-10, fused=torch.cuda.is_available())
         if t.optimizer == "muon":
             muon = torch.optim.Muon(groups["matrix"], lr=t.lr_matrix, weight_decay=t.weight_decay,
                                     adjust_lr_fn="match_rms_adamw")
             muon.param_groups[0]["name"] = "matrix"
-            opts.insert(0, muon)
-        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, self.budget.steps, t)) for o in opts]
-        return opts, scheds
+            opt = MatricesAndRest([muon, opt])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.budget.steps, t))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- training
     def training_step(self, batch, batch_idx):
         x, y = batch
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        scheds = self.lr_schedulers()
-        scheds = scheds if isinstance(scheds, list) else [scheds]
-        accum = self.cfg.train.grad_accum
-        logits = self.model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        self.manual_backward(loss / accum)
-        self._accum_loss = self._accum_loss + loss.detach() / accum  # stays on device: no sync per step
-        if (batch_idx + 1) % accum:
-            return
-        if self.cfg.train.grad_clip is not None:
-            for o in opts:
-                self.clip_gradients(o, gradient_clip_val=self.cfg.train.grad_clip, gradient_clip_algorithm="norm")
-        # Lightning counts global_step per LightningOptimizer.step(); step the first through it
-        # and the others (AdamW beside Muon) directly, so one training step is one global step.
-        opts[0].step()
-        for o in opts[1:]:
-            o.optimizer.step()
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        for s in scheds:
-            s.step()
+        loss = self.model(x, targets=y).mean()
+        self._accum_loss = self._accum_loss + loss.detach() / self.cfg.train.grad_accum  # on device: no sync
+        return loss  # Lightning divides by grad_accum, backpropagates, clips and steps at the boundary
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.cfg.train.grad_accum:
+            return  # mid-accumulation: no optimizer step happened
         self._last_loss, self._accum_loss = self._accum_loss, 0.0
-        self._log_step(opts)
+        self._log_step()
 
     @property
     def last_train_loss(self) -> float:
         return float(self._last_loss) if self._last_loss is not None else float("nan")
 
-    def _log_step(self, opts) -> None:
-        step = self.global_step  # already advanced by the optimizer steps
+    def _log_step(self) -> None:
+        step = self.global_step  # already advanced by the optimizer step
         now = time.perf_counter()
         if self._t_last is not None:
             self._time_timed += now - self._t_last
@@ -223,14 +253,13 @@ class LitBoV(pl.LightningModule):
         tokens = step * self.budget.tokens_per_step
         m: dict[str, float] = {"train/loss": self.last_train_loss, "tokens": float(tokens),
                                "flops": float(tokens) * self.budget.flops_per_token}
-        for o in opts:
-            for g in o.param_groups:
-                m[f"lr/{g['name']}"] = g["lr"]
+        for g in self.optimizers().optimizer.param_groups:
+            m[f"lr/{g['name']}"] = g["lr"]
         if self._time_timed > 0:
             tps = self._tokens_timed / self._time_timed
             m["throughput/tokens_per_s"] = tps
-            if self.cfg.train.peak_flops:
-                m["throughput/mfu"] = tps * self.budget.flops_per_token / (self.cfg.train.peak_flops * self.trainer.world_size)
+            if self.peak_flops:
+                m["throughput/mfu"] = tps * self.budget.flops_per_token / (self.peak_flops * self.trainer.world_size)
         if torch.cuda.is_available():
             m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         m.update(self.model.value_coefficients())
@@ -251,8 +280,7 @@ class LitBoV(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.model(x)
-        nats = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), reduction="sum")
+        nats = self.model(x, targets=y).sum()
         self._val += torch.stack([nats.double(), self.token_bytes[y].sum().double(),
                                   torch.tensor(float(y.numel()), dtype=torch.float64, device=self.device)])
 
@@ -306,11 +334,13 @@ def run_training(
     log=print,
     run_dir: Path | None = None,
     on_run_start=None,
+    bench: bool = False,
 ) -> dict[str, Any]:
     """Train cfg to its budget; returns the summary dict (also written as final_metrics.json).
 
     `run_dir` (default `<runs>/train/<preset>-<variant>-<hash>`) holds checkpoints and run.json;
     a sweep gives each cell its own. `on_run_start(run_id)` is called once the MLflow run exists.
+    `bench=True` (throughput benchmarks) saves no checkpoint and skips the final validation.
     """
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
@@ -340,6 +370,7 @@ def run_training(
         log(f"note: this run repeats its data: {regime.tokens:,} tokens over {regime.unique:,} unique "
             f"({regime.epochs:.2f} epochs); tagged data_repeated=true")
 
+    peak = cfg.train.peak_flops or device_peak_flops()
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = None
     if is_zero:
@@ -360,13 +391,18 @@ def run_training(
             num_nodes=cfg.train.num_nodes, strategy=cfg.train.strategy, precision=_precision(cfg),
             max_steps=budget.steps, max_epochs=-1, check_val_every_n_epoch=None,
             val_check_interval=cfg.train.val_every * cfg.train.grad_accum,  # counted in micro-batches
-            num_sanity_val_steps=0, logger=logger, callbacks=[ckpt_cb, *(callbacks or [])],
+            accumulate_grad_batches=cfg.train.grad_accum, gradient_clip_val=cfg.train.grad_clip,
+            gradient_clip_algorithm="norm",
+            num_sanity_val_steps=0, logger=logger, callbacks=[*([] if bench else [ckpt_cb]), *(callbacks or [])],
             enable_progress_bar=is_zero and os.environ.get("BOV_PROGRESS", "1") == "1", enable_model_summary=False,
             use_distributed_sampler=False,  # TrainWindows gives each rank its own slice
             default_root_dir=str(run_dir),
         )
-        module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes), data.tokenizer_path.read_text())
+        module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes), data.tokenizer_path.read_text(), peak)
         if cfg.train.compile:
+            # A fresh dynamo cache per run: otherwise every run of a process (a sweep worker, a bench over
+            # variants) adds graphs until dynamo's recompile limit turns compilation off for the rest.
+            torch._dynamo.reset()
             module.model = torch.compile(module.model)
         dm = TokenDataModule(cfg, data, regime.unique)
         if is_zero:
@@ -375,7 +411,7 @@ def run_training(
         if trainer.interrupted:
             status, error = "KILLED", "interrupted"
         else:
-            if getattr(module, "val_metrics", None) is None or trainer.global_step % cfg.train.val_every:
+            if not bench and (getattr(module, "val_metrics", None) is None or trainer.global_step % cfg.train.val_every):
                 trainer.validate(module, datamodule=dm, verbose=False)
             status = "FINISHED"
     except BaseException as e:  # Lightning turns Ctrl-C into SystemExit after a graceful stop
@@ -386,7 +422,7 @@ def run_training(
         raise
     finally:
         steps = trainer.global_step if trainer is not None else 0
-        summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps)
+        summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps, world)
         if is_zero:
             (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
             client = mlflow.MlflowClient(uri)
@@ -439,7 +475,7 @@ def _open_mlflow_run(cfg, uri, budget, params, data, regime, state_path, resume,
     return run_id
 
 
-def _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps) -> dict[str, Any]:
+def _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps, world=1) -> dict[str, Any]:
     val = getattr(module, "val_metrics", None) or {}
     tokens = steps * budget.tokens_per_step
     done = replace(regime, tokens=tokens)  # as trained, which a failed or pruned run cut short
@@ -453,6 +489,7 @@ def _summary(cfg, module, budget, params, data, regime, run_id, status, error, s
         "error": error, "steps": steps, "val_bpb": val.get("val/bpb"), "val_loss": val.get("val/loss"),
         "train_loss": module.last_train_loss if module is not None else float("nan"), "flops": float(tokens) * budget.flops_per_token,
         "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
-        "tokens_per_s": tps, "unigram_bpb": data.unigram_bpb(), "param_checksum": checksum,
+        "tokens_per_s": tps, "mfu": tps * budget.flops_per_token / (module.peak_flops * world)
+        if tps and module.peak_flops else None, "unigram_bpb": data.unigram_bpb(), "param_checksum": checksum,
         **done.record(), "data_repeated": done.repeated,
     }

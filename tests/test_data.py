@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from bov.config import load_config
 from bov.data import DataError, TrainWindows, check_source, doc_bucket, load_documents, prepare
@@ -82,13 +83,19 @@ def test_train_windows_are_a_pure_function_of_position(runs):
     d = prepare(load_config("micro", "baseline"))
     full = TrainWindows(d.train, 64, seed=3, start=0, rank=0, world=1, batch=4)
     it = iter(full)
-    seq = [next(it)[0] for _ in range(40)]
+    seq = [row for _ in range(10) for row in next(it)[0]]  # 10 batches of 4 samples
     later = iter(TrainWindows(d.train, 64, seed=3, start=5, rank=0, world=1, batch=4))
-    assert all(np.array_equal(next(later)[0], seq[20 + i]) for i in range(8))  # step 5 = sample 20
+    assert all(np.array_equal(row, seq[20 + i]) for i, row in enumerate(next(later)[0]))
+    later = TrainWindows(d.train, 64, seed=3, start=5, rank=0, world=1, batch=4)
+    assert all(np.array_equal(later.micro_batch(5 + i // 4)[0][i % 4], seq[20 + i]) for i in range(8))  # step 5 = sample 20
     r0 = iter(TrainWindows(d.train, 64, seed=3, start=0, rank=0, world=2, batch=2))
     r1 = iter(TrainWindows(d.train, 64, seed=3, start=0, rank=1, world=2, batch=2))
-    a = [next(r0)[0] for _ in range(2)] + [next(r1)[0] for _ in range(2)]
+    a = [*next(r0)[0], *next(r1)[0]]
     assert all(np.array_equal(x, y) for x, y in zip(a, seq[:4]))  # ranks split one global batch
+    # DataLoader workers take turns and the loader interleaves them back into the same order
+    loader = torch.utils.data.DataLoader(full, batch_size=None, num_workers=2)
+    got = [row for _, (x, _y) in zip(range(5), loader) for row in x]
+    assert all(np.array_equal(x, y) for x, y in zip(got, seq[:20])) and len(got) == 20
 
 
 def test_valid_cache_does_not_read_the_corpus(runs, monkeypatch):
@@ -119,5 +126,11 @@ def test_streaming_packs_only_the_budget(tmp_path, runs):
     assert 512 <= small.val.n_tokens < 512 + 2 * per_doc
     assert small.token_bytes[np.array(small.train.array())].sum() == small.train.n_bytes
     bigger = prepare(cfg, stream_tokens=6000, log=lambda m: None)
-    assert bigger.fingerprint != small.fingerprint and bigger.train.n_tokens >= 6000
+    assert bigger.fingerprint == small.fingerprint and bigger.train.n_tokens == 6000  # budget keys nothing
     assert bigger.tokenizer_path == small.tokenizer_path  # the BPE does not depend on the budget
+    assert bigger.token_bytes[np.array(bigger.train.array())[:6000]].sum() == bigger.train.n_bytes
+    # a shorter budget is served by the longer stream, as its first tokens, without tokenizing again
+    said = []
+    again = prepare(cfg, stream_tokens=3000, log=said.append)
+    assert said == [] and again.train.n_tokens == 3000
+    assert np.array_equal(np.array(again.train.array())[:3000], np.array(bigger.train.array())[:3000])

@@ -61,7 +61,7 @@ def test_unique_windows_are_a_fixed_sample_cycled_once_per_epoch(tmp_path):
         ds = TrainWindows(stream, seq_len=10, seed=seed, start=0, rank=0, world=1, batch=3, unique_tokens=101)
         assert ds.n_windows == 10
         it = iter(ds)
-        return [int(next(it)[0][0]) for _ in range(n)]  # three epochs over the 10 kept windows
+        return [int(row[0]) for _ in range(n // 3) for row in next(it)[0]]  # three epochs over the 10 kept windows
 
     a, b = firsts(0), firsts(1)
     kept = sorted(set(a))

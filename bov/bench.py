@@ -179,7 +179,10 @@ def cache_memory(preset: str, variants: list[str], contexts: list[int], dtype=to
         if len(mine) >= 2:
             (t1, s1), (t2, s2) = [(r["context"], r["saved_vs_baseline"]) for r in (mine[0], mine[-1])]
             slope = (s2 - s1) / (t2 - t1)
-            t_star = max(0, round(t1 - s1 / slope)) if slope > 0 else None  # None: never; 0: always
+            if slope > 0:
+                t_star = max(0, round(t1 - s1 / slope))  # 0: saves at every context
+            else:  # flat or shrinking: it saves at every context (0) or never pays off (None)
+                t_star = 0 if s1 > 0 else None
         for r in mine:
             r["break_even_context"] = t_star
     return rows

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +27,60 @@ BANK_RULES: tuple[str, ...] = BankRule.__args__  # type: ignore[attr-defined]
 GATE_CHANNELS = 12  # value-embedding gate reads x[..., :12] (modded-nanogpt / nanochat)
 
 
+# ----------------------------------------------------------------------------- the value-path vocabulary
+# The levels users type, defined once: the config validates against them, bov.plan resolves them into a
+# per-layer plan, bov.model computes them (bov.model.VALUE_SOURCES holds one function per source).
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What a context-free (or earlier-layer) value source needs from the rest of the model."""
+
+    symbol: str  # how `bov describe` writes it in a layer's value formula
+    doc: str
+    applies_w_v: bool = False  # it projects with the layer's own W_V (so the layer keeps one)
+    reads: Callable[[int], tuple[int, ...]] = lambda layer: ()  # earlier layers whose values it reads
+
+
+VALUE_SOURCES: dict[str, SourceSpec] = {
+    "bank": SourceSpec("E_v[i]", "a learned table row of the token id"),
+    "x0": SourceSpec("x0 W_V", "the layer's own projection of the initial embedding", applies_w_v=True),
+    "v1": SourceSpec("V_0", "the first layer's value (at layer 0: its own x W_V)", reads=lambda layer: (0,) if layer else ()),
+    "own": SourceSpec("x_l W_V", "the layer's own value, only rescaled (the control of BoV Table 1 row 2)",
+                      applies_w_v=True),
+}
+Source = Literal[tuple(VALUE_SOURCES)]  # type: ignore[valid-type]
+Coeff = Literal["fixed", "learned", "learned_per_head", "gate"]
+
+
+def resolve_bank_layers(rule: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """A `bank_layers` level -> sorted target layer indices (documented in README)."""
+    L = n_layers
+    if not isinstance(rule, str):
+        layers = list(rule)
+        bad = [i for i in layers if not 0 <= i < L]
+        if bad:
+            raise ValueError(f"model.bank_layers: layer {bad[0]} out of range 0..{L - 1}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"model.bank_layers: duplicate layer in {layers}")
+        if not layers:
+            raise ValueError("model.bank_layers: empty list; use none for no target layer")
+        return tuple(sorted(layers))
+    rules = {
+        "none": lambda l: False,
+        "last_third": lambda l: l >= (2 * L) // 3,
+        "every_other": lambda l: l % 2 == (L - 1) % 2,  # the last layer is always in
+        "second_half": lambda l: l >= L // 2,
+        "last_two_thirds": lambda l: l >= L // 3,
+        "all": lambda l: True,
+        "all_but_first": lambda l: l >= 1,
+    }
+    layers = tuple(l for l in range(L) if rules[rule](l))
+    if rule != "none" and not layers:
+        raise ValueError(f"model.bank_layers={rule} selects no layer of a {L}-layer model")
+    return layers
+
+
 def _positive_float(text: str) -> bool:
     try:
         return float(text) > 0
@@ -35,6 +90,10 @@ def _positive_float(text: str) -> bool:
 
 class ConfigError(ValueError):
     """A configuration problem, always reported as one line naming the key."""
+
+
+class DataError(ValueError):
+    """A data problem (missing file, unreachable hub id, empty corpus), one line naming the key or file."""
 
 
 class _Section(BaseModel):
@@ -64,9 +123,9 @@ class ModelConfig(_Section):
     # --- value-path design axes -------------------------------------------------
     bank_layers: Union[BankRule, list[int]] = "none"
     # "own": the layer's own x_l W_V, scaled by the coefficient (the control of BoV Table 1 row 2)
-    value_source: Literal["bank", "x0", "v1", "own"] = "bank"
+    value_source: Source = "bank"  # VALUE_SOURCES
     value_mode: Literal["context_free", "mixed"] = "context_free"
-    value_coeff: Literal["fixed", "learned", "learned_per_head", "gate"] = "learned"
+    value_coeff: Coeff = "learned"
     value_residual: Literal["off", "identity", "learned", "neutreno"] = "off"
     neutreno_lambda: float = 0.4  # NeuTRENO: y_l += lam * (V_0 - V_l) after attention
     # Depth-Attention: before sequence attention, attend over earlier layers' (key, mixed value)
@@ -99,8 +158,6 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        from bov.plan import resolve_bank_layers  # plan depends on config, not the reverse at import
-
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:

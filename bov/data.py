@@ -29,17 +29,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from bov.config import DataConfig, ExperimentConfig
+from bov.config import DataConfig, DataError, ExperimentConfig
 from bov.paths import cache_dir
 
 BOS = "<|bos|>"
 UNIQUE_SAMPLE_SEED = 20260526  # which windows data.max_unique_tokens keeps: fixed, not the training seed
 TOKENIZER_TRAIN_CHARS = 20_000_000  # BPE merges converge long before this on one corpus
 HASH_BUCKETS = 10_000
-
-
-class DataError(ValueError):
-    """A data problem (missing file, unreachable hub id, empty corpus), one line."""
 
 
 # ----------------------------------------------------------------------------- sources

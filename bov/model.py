@@ -137,6 +137,17 @@ class Pass:
         return self.earlier[0][1] if 0 in self.earlier else None
 
 
+# `alt` of each value source (bov.config.VALUE_SOURCES), from the layer, its input x, its own value (None when
+# the plan does not compute it) and the pass's context. A new source is one function here plus its level there.
+ALT_VALUES = {
+    "bank": lambda att, x, own, ctx: ctx.banks[att.plan.bank](ctx.ids),  # E_v[i]
+    "x0": lambda att, x, own, ctx: att.v_proj(ctx.x0),  # the layer's own projection of the initial embedding
+    "own": lambda att, x, own, ctx: att.v_proj(x),  # the standard value, only rescaled
+    # V_0; at layer 0 the layer's own projection (reused when the plan computes it already)
+    "v1": lambda att, x, own, ctx: ctx.earlier[0][1] if att.plan.reads else (own if own is not None else att.v_proj(x)),
+}
+
+
 class ValueMix(nn.Module):
     """v = a * own + b * alt, with fixed, learned (per layer or per KV head) or gated b."""
 
@@ -182,26 +193,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d, bias=False)
         self.mix = ValueMix(plan, cfg.n_kv_heads) if plan.source is not None else None
 
-    def value(self, x, ids, x0, v0, banks) -> torch.Tensor:
-        """The value this layer attends with, as its plan says. [B, T, H_kv, dh]"""
-        B, T = ids.shape
+    def value(self, x, ctx: Pass) -> torch.Tensor:
+        """The value this layer attends with, as its plan says: a * own + b * alt. [B, T, H_kv, dh]"""
+        B, T = ctx.ids.shape
         p = self.plan
         own = self.v_proj(x) if p.uses_own else None
         if p.source is None:
             v = own
         else:
-            if p.source == "bank":
-                alt = banks[p.bank](ids)
-            elif p.source == "x0":
-                alt = self.v_proj(x0)
-            elif p.source == "own":  # the standard value, only rescaled
-                alt = self.v_proj(x)
-            elif v0 is not None:  # "v1": the first layer's value
-                alt = v0.flatten(-2)
-            else:  # "v1" at layer 0 is layer 0's own projection
-                alt = own if own is not None else self.v_proj(x)
+            alt = ALT_VALUES[p.source](self, x, own, ctx)
             v = self.mix(None if own is None else own.view(B, T, self.n_kv, self.dh),
-                         alt.view(B, T, self.n_kv, self.dh), x)
+                         alt.reshape(B, T, self.n_kv, self.dh), x)
         return v.view(B, T, self.n_kv, self.dh)
 
     def depth_mix(self, q, k, v, earlier: dict):
@@ -227,12 +229,11 @@ class Attention(nn.Module):
             ctx.value_history[self.plan.layer] = (values, vfirst)
             values = values[:, lo - vfirst :]
         else:  # nothing stored: rebuilt from the token ids (bank rows) or from layer 0's cached values
-            ids = cache.ids[:, lo : cache.end]
-            v0 = None
+            past = Pass(cache.ids[:, lo : cache.end], None, ctx.banks, ctx.rope)
             if kind == "first_layer":
                 hist, v0_first = ctx.value_history[0]
-                v0 = hist[:, lo - v0_first :]
-            values = self.value(None, ids, None, v0, ctx.banks)
+                past.earlier[0] = (None, hist[:, lo - v0_first :])
+            values = self.value(None, past)
         return keys[:, lo - first :], values, lo
 
     def attend(self, q, keys, values, first: int, ctx: Pass):
@@ -267,7 +268,7 @@ class Attention(nn.Module):
         start = 0 if ctx.cache is None else ctx.cache.start  # position of the first new token
         q = ctx.rope(norm(self.q_proj(x).view(B, T, self.n_heads, self.dh), self.eps), start)
         k = ctx.rope(norm(self.k_proj(x).view(B, T, self.n_kv, self.dh), self.eps), start)
-        v = self.value(x, ctx.ids, ctx.x0, ctx.v0, ctx.banks)
+        v = self.value(x, ctx)
         if self.plan.depth_candidates:
             v = self.depth_mix(q, k, v, ctx.earlier)
         keys, values, first = (k, v, 0) if ctx.cache is None else self.cached(ctx, k, v)
@@ -324,6 +325,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
         self.depth_sources = {j for p in self.plan for j in p.depth_candidates}  # layers a depth step reads
+        self.kept = {j for p in self.plan for j in p.reads} | self.depth_sources  # layers a later layer reads
         self.windows = {w for w in layer_windows(cfg) if w is not None}
         # DenseFormer: after block l, x = sum_j alpha[l][j] * out_j over the embedding and blocks 0..l
         self.dwa = nn.ParameterList(nn.Parameter(torch.empty(l + 2)) for l in range(cfg.n_layers)) if cfg.denseformer else None
@@ -351,7 +353,7 @@ class GPT(nn.Module):
         outputs = [x]  # DenseFormer's history of block outputs
         for l, block in enumerate(self.blocks):
             x, v, k = block(x, ctx)
-            if l == 0 or l in self.depth_sources:  # V_0, and what a later depth step reads
+            if l in self.kept:  # V_0, what a later depth step reads, any earlier layer a source reads
                 ctx.earlier[l] = (k, v)
             if self.dwa is not None:
                 outputs.append(x)

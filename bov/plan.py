@@ -16,41 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
-if TYPE_CHECKING:
-    from bov.config import ModelConfig
+from bov.config import VALUE_SOURCES, Coeff, ModelConfig, Source, resolve_bank_layers
 
-Source = Literal["bank", "x0", "v1", "own"]
-Coeff = Literal["fixed", "learned", "learned_per_head", "gate"]
-
-
-def resolve_bank_layers(rule: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
-    """A `bank_layers` level -> sorted target layer indices (documented in README)."""
-    L = n_layers
-    if not isinstance(rule, str):
-        layers = list(rule)
-        bad = [i for i in layers if not 0 <= i < L]
-        if bad:
-            raise ValueError(f"model.bank_layers: layer {bad[0]} out of range 0..{L - 1}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"model.bank_layers: duplicate layer in {layers}")
-        if not layers:
-            raise ValueError("model.bank_layers: empty list; use none for no target layer")
-        return tuple(sorted(layers))
-    rules = {
-        "none": lambda l: False,
-        "last_third": lambda l: l >= (2 * L) // 3,
-        "every_other": lambda l: l % 2 == (L - 1) % 2,  # the last layer is always in
-        "second_half": lambda l: l >= L // 2,
-        "last_two_thirds": lambda l: l >= L // 3,
-        "all": lambda l: True,
-        "all_but_first": lambda l: l >= 1,
-    }
-    layers = tuple(l for l in range(L) if rules[rule](l))
-    if rule != "none" and not layers:
-        raise ValueError(f"model.bank_layers={rule} selects no layer of a {L}-layer model")
-    return layers
+__all__ = ["LayerPlan", "build_plan", "num_banks", "resolve_bank_layers", "Source", "Coeff"]
 
 
 @dataclass(frozen=True)
@@ -65,14 +35,18 @@ class LayerPlan:
     coeff: Coeff
     init: tuple[float, float]  # (a, b) at initialization; a unused when not uses_own
     bank: int | None = None  # index into the model's bank tables
+    reads: tuple[int, ...] = ()  # earlier layers whose value the source reads (V_0: layer 0)
     depth_candidates: tuple[int, ...] = ()  # Depth-Attention: earlier layers attended over depth (+ self)
     neutreno: float | None = None  # NeuTRENO lambda: y += lam * (V_0 - V_l) after attention
 
     @property
     def v_matmuls(self) -> int:
-        """How many times this layer applies W_V per token (mixed x0 applies it twice)."""
-        own = self.uses_own or self.source == "own" or (self.source == "v1" and self.layer == 0)
-        return int(own) + int(self.source == "x0")
+        """How many times this layer applies W_V per token: to x (for its own value, for the `own` source, or
+        for a source with nothing earlier to read at this layer, e.g. v1 at layer 0) and to x0 (`x0`)."""
+        if self.source is None:
+            return 1
+        on_x = self.uses_own or self.source == "own" or (self.source not in ("bank", "x0") and not self.reads)
+        return int(on_x) + int(self.source == "x0")
 
     @property
     def value_cache(self) -> Literal["values", "bank", "first_layer"]:
@@ -99,14 +73,14 @@ class LayerPlan:
             return "x_l W_V" + depth + post
         a, b = self.init
         fixed = self.coeff == "fixed"
-        alt = {"bank": "E_v[i]", "x0": "x0 W_V", "v1": "V_0", "own": "x_l W_V"}[self.source]
+        alt = VALUE_SOURCES[self.source].symbol
         alt_c = "gate(x)*" if self.coeff == "gate" else (f"{b:g}*" if fixed else "b*")
         own_c = "" if self.coeff == "gate" else (f"{a:g}*" if fixed else "a*")
         text = f"{alt_c}{alt}" + (f" (table {self.bank})" if self.bank is not None else "")
         return (f"{own_c}x_l W_V + {text}" if self.uses_own else text) + depth
 
 
-def build_plan(cfg: "ModelConfig") -> tuple[LayerPlan, ...]:
+def build_plan(cfg: ModelConfig) -> tuple[LayerPlan, ...]:
     """Config axes -> one LayerPlan per layer. The only place the axes are interpreted."""
     targets = resolve_bank_layers(cfg.bank_layers, cfg.n_layers)
     stride = cfg.depth_stride or max(1, cfg.n_layers // 2)
@@ -123,14 +97,18 @@ def build_plan(cfg: "ModelConfig") -> tuple[LayerPlan, ...]:
             bank = None
             if cfg.value_source == "bank":
                 bank = 0 if cfg.bank_sharing == "shared" else targets.index(l)
-            # V_0 is layer 0's own projection, so a v1 source at layer 0 keeps W_V there.
-            has_v = mixed or cfg.value_source in ("x0", "own") or (cfg.value_source == "v1" and l == 0)
-            plans.append(LayerPlan(l, "target", cfg.value_source, mixed, has_v, cfg.value_coeff, init, bank))
+            spec = VALUE_SOURCES[cfg.value_source]
+            reads = spec.reads(l)
+            # A source that reads nothing and projects nothing at this layer is the layer's own projection
+            # (v1 at layer 0 is V_0 itself), so the layer keeps W_V there too.
+            has_v = mixed or spec.applies_w_v or (cfg.value_source != "bank" and not reads)
+            plans.append(LayerPlan(l, "target", cfg.value_source, mixed, has_v, cfg.value_coeff, init, bank, reads))
         elif l >= 1 and cfg.value_residual in ("identity", "learned"):
             coeff: Coeff = "fixed" if cfg.value_residual == "identity" else "learned"
-            plans.append(LayerPlan(l, "residual", "v1", True, True, coeff, (0.5, 0.5)))
+            plans.append(LayerPlan(l, "residual", "v1", True, True, coeff, (0.5, 0.5), reads=(0,)))
         elif l >= 1 and cfg.value_residual == "neutreno":
-            plans.append(LayerPlan(l, "residual", None, True, True, "fixed", (1.0, 0.0), neutreno=cfg.neutreno_lambda))
+            plans.append(LayerPlan(l, "residual", None, True, True, "fixed", (1.0, 0.0), reads=(0,),
+                                   neutreno=cfg.neutreno_lambda))
         else:
             plans.append(LayerPlan(l, "standard", None, True, True, "fixed", (1.0, 0.0)))
     if cfg.depth_attention:  # layer 0 has no depth step

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from bov import tracking
+from bov.budget import Budget, DataRegime, data_regime, model_shape, plan_budget, world_size  # noqa: F401 (re-exported)
 from bov.config import ExperimentConfig
-from bov.data import DataError, PreparedData, TokenDataModule, prepare
+from bov.data import PreparedData, TokenDataModule, prepare
 from bov.infer import checkpoint_extras
-from bov.model import GPT, build_model
+from bov.model import build_model
 from bov.paths import runs_dir, tracking_uri
+from bov.tracking import ensure_experiment, git_commit  # noqa: F401 (re-exported)
 
 
 # Checkpoints are taken after the optimizer step on purpose (state == global_step); the
@@ -39,79 +41,6 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------- budget
-
-
-@dataclass(frozen=True)
-class Budget:
-    steps: int
-    tokens_per_step: int
-    flops_per_token: int
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.tokens_per_step
-
-    @property
-    def flops(self) -> float:
-        return float(self.tokens) * self.flops_per_token
-
-
-def plan_budget(cfg: ExperimentConfig, flops_per_token: int, world: int = 1) -> Budget:
-    t = cfg.train
-    per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * world
-    if t.max_steps is not None:
-        steps = t.max_steps
-    elif t.max_tokens is not None:
-        steps = t.max_tokens // per_step
-    else:
-        steps = int(t.max_flops / flops_per_token) // per_step
-    if steps < 1:
-        raise ValueError(f"train budget gives {steps} steps at {per_step} tokens per step; raise the budget")
-    return Budget(steps, per_step, flops_per_token)
-
-
-@dataclass(frozen=True)
-class DataRegime:
-    """How much distinct data a run sees: the numbers that decide whether a bank memorizes."""
-
-    available: int  # tokens in the packed training stream
-    unique: int  # tokens the run may read: the stream, or its first data.max_unique_tokens
-    tokens: int  # tokens the run trains on
-    params: int  # all parameters
-    params_non_embedding: int  # without the lookup tables (token embedding and banks)
-
-    @property
-    def epochs(self) -> float:
-        return self.tokens / self.unique
-
-    @property
-    def repeated(self) -> bool:
-        return self.tokens > self.unique
-
-    def record(self) -> dict[str, float]:
-        """What MLflow params and the run summary carry."""
-        return {"unique_tokens": self.unique, "train_tokens_available": self.available, "tokens": self.tokens,
-                "epochs": self.epochs, "params_non_embedding": self.params_non_embedding,
-                "tokens_per_param": self.tokens / self.params,
-                "tokens_per_param_non_embedding": self.tokens / self.params_non_embedding}
-
-
-def data_regime(cfg: ExperimentConfig, budget: Budget, available: int, params: dict[str, int]) -> DataRegime:
-    """Resolve data.max_unique_tokens (a count or "<f>x" of the tokens trained) against the stream."""
-    limit = cfg.data.max_unique_tokens
-    if isinstance(limit, str):
-        limit = round(float(limit[:-1]) * budget.tokens)
-    if limit is not None and limit > available:
-        raise DataError(f"data.max_unique_tokens={cfg.data.max_unique_tokens} asks for {limit:,} tokens; "
-                        f"the training stream of {cfg.data.source} has {available:,}")
-    if limit is not None and limit <= cfg.model.seq_len:
-        raise DataError(f"data.max_unique_tokens={cfg.data.max_unique_tokens} gives {limit:,} tokens, "
-                        f"fewer than one window of model.seq_len + 1 = {cfg.model.seq_len + 1}")
-    total = sum(params.values())
-    return DataRegime(available, limit or available, budget.tokens, total, total - params["embedding"] - params["bank"])
 
 
 # Dense bf16 peaks (vendor datasheets, FLOP/s) for MFU; `train.peak_flops` overrides. Matched in order
@@ -251,15 +180,15 @@ class LitBoV(pl.LightningModule):
         if not math.isfinite(self.last_train_loss):  # checked at the logging cadence (a sync on GPU)
             raise Diverged(f"train loss is {self.last_train_loss} at step {step}; stopping (lower the LR?)")
         tokens = step * self.budget.tokens_per_step
-        m: dict[str, float] = {"train/loss": self.last_train_loss, "tokens": float(tokens),
+        m: dict[str, float] = {tracking.TRAIN_LOSS: self.last_train_loss, "tokens": float(tokens),
                                "flops": float(tokens) * self.budget.flops_per_token}
         for g in self.optimizers().optimizer.param_groups:
             m[f"lr/{g['name']}"] = g["lr"]
         if self._time_timed > 0:
             tps = self._tokens_timed / self._time_timed
-            m["throughput/tokens_per_s"] = tps
+            m[tracking.TOKENS_PER_S] = tps
             if self.peak_flops:
-                m["throughput/mfu"] = tps * self.budget.flops_per_token / (self.peak_flops * self.trainer.world_size)
+                m[tracking.MFU] = tps * self.budget.flops_per_token / (self.peak_flops * self.trainer.world_size)
         if torch.cuda.is_available():
             m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         m.update(self.model.value_coefficients())
@@ -287,7 +216,7 @@ class LitBoV(pl.LightningModule):
     def on_validation_epoch_end(self):
         total = self.trainer.strategy.reduce(self._val, reduce_op="sum")
         nats, nbytes, ntok = total.tolist()
-        self.val_metrics = {"val/loss": nats / ntok, "val/bpb": nats / (math.log(2) * nbytes)}
+        self.val_metrics = {tracking.VAL_LOSS: nats / ntok, tracking.VAL_BPB: nats / (math.log(2) * nbytes)}
         self._log(self.val_metrics)
 
 
@@ -296,26 +225,6 @@ class LitBoV(pl.LightningModule):
 
 def run_key(cfg: ExperimentConfig) -> str:
     return f"{cfg.preset}-{cfg.variant}-{cfg.config_hash()}"
-
-
-def ensure_experiment(name: str, uri: str) -> str:
-    """The experiment's id, creating it; with the embedded store, artifacts go under the runs dir too."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    local = uri.startswith("sqlite:")  # a server (MLFLOW_TRACKING_URI) keeps its own artifact store
-    return client.create_experiment(name, artifact_location=(runs_dir() / "artifacts").as_uri() if local else None)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def _precision(cfg: ExperimentConfig) -> str:
@@ -357,12 +266,9 @@ def run_training(
             old.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    world = (cfg.train.devices if isinstance(cfg.train.devices, int) else 1) * cfg.train.num_nodes
-    with torch.device("meta"):
-        shape = GPT(cfg.model)
-    budget = plan_budget(cfg, shape.flops_per_token(cfg.model.seq_len), world)
-    params = shape.param_breakdown()
-    del shape
+    world = world_size(cfg)
+    flops_per_token, params = model_shape(cfg.model)
+    budget = plan_budget(cfg, flops_per_token, world)
     # a streaming source packs exactly what the budget reads, plus one window
     data = data or prepare(cfg, stream_tokens=budget.tokens + cfg.model.seq_len + 1, log=log)
     regime = data_regime(cfg, budget, data.train.n_tokens, params)
@@ -374,7 +280,13 @@ def run_training(
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = None
     if is_zero:
-        run_id = _open_mlflow_run(cfg, uri, budget, params, data, regime, state_path, resume, extra_tags, parent_run_id)
+        recorded = {"budget.steps": budget.steps, "budget.tokens": budget.tokens,
+                    "budget.flops_per_token": budget.flops_per_token, "data.train_tokens": data.train.n_tokens,
+                    **{f"params.{k}": v for k, v in params.items()},
+                    **{f"regime.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in regime.record().items()}}
+        run_id = tracking.open_run(cfg, uri, run_name=cfg.tracking.run_name or run_key(cfg), params=recorded,
+                                   data_fingerprint=data.fingerprint, repeated=regime.repeated, state_path=state_path,
+                                   resume=resume, extra_tags=extra_tags, parent_run_id=parent_run_id)
         log(f"mlflow run {run_id} ({uri})")
         if on_run_start is not None:
             on_run_start(run_id)
@@ -425,54 +337,10 @@ def run_training(
         summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps, world)
         if is_zero:
             (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
-            client = mlflow.MlflowClient(uri)
-            if error:
-                client.set_tag(run_id, "error", error[:5000])
-            client.log_dict(run_id, summary, "final_metrics.json")
             if system is not None:
                 mlflow.end_run(status=status)
-            client.set_terminated(run_id, status=status)
-        rank = trainer.global_rank if trainer is not None else rank_zero_only.rank
-        (run_dir / f"rank{rank}.json").write_text(json.dumps(
-            {"final_loss": summary["train_loss"], "param_sum": summary["param_checksum"]}))
+            tracking.end_run(uri, run_id, status, error, summary)
     return summary
-
-
-def _open_mlflow_run(cfg, uri, budget, params, data, regime, state_path, resume, extra_tags, parent_run_id) -> str:
-    """Create the run (params, tags, config artifact), or reopen the stored one on resume."""
-    import mlflow
-    from mlflow.entities import Param
-
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
-    if resume and state_path.is_file():
-        run_id = json.loads(state_path.read_text())["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        error = client.get_run(run_id).data.tags.get("error")
-        if error:  # the run goes on: keep why it stopped, but not as its error
-            client.set_tag(run_id, "resumed_after_error", error)
-            client.delete_tag(run_id, "error")
-        for k, v in (extra_tags or {}).items():  # e.g. the sweep trial that took the run over
-            client.set_tag(run_id, k, v)
-        return run_id
-    tags = {"variant": cfg.variant, "preset": cfg.preset, "seed": str(cfg.train.seed), "git_commit": git_commit(),
-            "config_hash": cfg.config_hash(), "data_fingerprint": data.fingerprint,
-            "data_repeated": str(regime.repeated).lower(), **(extra_tags or {})}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(experiment_id, tags=tags, run_name=cfg.tracking.run_name or run_key(cfg)).info.run_id
-    state_path.write_text(json.dumps({"run_id": run_id}))
-    flat = {k: str(v) for k, v in cfg.flat().items()}
-    flat.update({"budget.steps": str(budget.steps), "budget.tokens": str(budget.tokens),
-                 "budget.flops_per_token": str(budget.flops_per_token), "data.train_tokens": str(data.train.n_tokens)})
-    flat.update({f"params.{k}": str(v) for k, v in params.items()})
-    flat.update({f"regime.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in regime.record().items()})
-    items = [Param(k, v[:6000]) for k, v in flat.items()]
-    for i in range(0, len(items), 100):  # MLflow's batch limit
-        client.log_batch(run_id, params=items[i : i + 100])
-    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
-    return run_id
 
 
 def _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps, world=1) -> dict[str, Any]:
@@ -486,7 +354,7 @@ def _summary(cfg, module, budget, params, data, regime, run_id, status, error, s
             checksum = float(sum(p.double().sum() for p in module.model.parameters()))
     return {
         "run_id": run_id, "variant": cfg.variant, "preset": cfg.preset, "seed": cfg.train.seed, "status": status,
-        "error": error, "steps": steps, "val_bpb": val.get("val/bpb"), "val_loss": val.get("val/loss"),
+        "error": error, "steps": steps, "val_bpb": val.get(tracking.VAL_BPB), "val_loss": val.get(tracking.VAL_LOSS),
         "train_loss": module.last_train_loss if module is not None else float("nan"), "flops": float(tokens) * budget.flops_per_token,
         "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
         "tokens_per_s": tps, "mfu": tps * budget.flops_per_token / (module.peak_flops * world)

@@ -36,6 +36,15 @@ def make(variant: str | None = "baseline", preset: str = "micro", seed: int = 0,
 
 
 @pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """A fresh runs dir (MLflow, Optuna, caches) for the test, the embedded MLflow store, no progress bars."""
+    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("BOV_PROGRESS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "runs"
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present on this machine")

@@ -198,3 +198,25 @@ def test_figures_without_any_sweep_says_so(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bov.cli", "figures"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: no MLflow store at sqlite:///")
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_study_definition_is_stored_as_data_and_read_back(tmp_path, monkeypatch):
+    """A parent run written by bov.tracking carries study.json; load_study reads levels, seeds and the baseline
+    from it as data (the store of the fixture above has the older schema, comma-joined params: both load)."""
+    from bov import tracking
+    from bov.study import load_sweep
+
+    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    sweep = load_sweep("value_source", scale="micro", seeds=[0, 3], study="vs-micro")
+    parent = tracking.create_sweep_run(sweep, uri, tracking.ensure_experiment(sweep.name, uri), "sqlite:///x.db")
+    client = mlflow.MlflowClient(uri)
+    for level in sweep.levels[:2]:
+        _run(client, client.get_experiment_by_name("vs-micro").experiment_id, parent, level, 0, 1.0, study="vs-micro")
+    study = A.load_study("vs-micro", uri)
+    assert study.levels == sweep.levels and study.baseline == sweep.spec.baseline_level
+    assert (study.axis, study.definition, study.preset) == (sweep.spec.axis, "value_source", "micro")
+    stored = tracking.read_study_definition(client.get_run(parent))
+    assert stored["seeds"] == [0, 3] and stored["levels"] == sweep.levels and isinstance(stored["budget"], dict)
+    assert client.get_run(parent).data.params["n_levels"] == str(len(sweep.levels))

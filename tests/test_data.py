@@ -10,12 +10,6 @@ from bov.config import load_config
 from bov.data import DataError, TrainWindows, check_source, doc_bucket, load_documents, prepare
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
-    return tmp_path / "runs"
-
-
 def cfg_for(source, **over):
     return load_config("micro", "baseline", {"data.source": str(source), **over})
 

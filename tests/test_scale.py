@@ -26,14 +26,6 @@ from conftest import VARIANTS, make
 WINDOWED = {"model__window_pattern": "SL", "model__short_window": 8}
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("BOV_PROGRESS", "0")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path / "runs"
-
-
 def _forward_backward(model, ids, kernel):
     saved = M.WINDOW_KERNEL
     M.WINDOW_KERNEL = kernel

@@ -21,14 +21,6 @@ from conftest import sigint_default
 BOV = [sys.executable, "-m", "bov.cli"]
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("BOV_PROGRESS", "0")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path / "runs"
-
-
 def env_with(runs_dir: Path) -> dict:
     env = dict(os.environ, BOV_RUNS_DIR=str(runs_dir), BOV_PROGRESS="0")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -144,10 +136,8 @@ def test_ddp_two_processes_agree(tmp_path):
                               "--set", "train.strategy=ddp", "--set", "train.val_every=6", "--json"],
                        env=env_with(runs), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    (run_dir,) = (runs / "train").iterdir()
-    r0 = json.loads((run_dir / "rank0.json").read_text())
-    r1 = json.loads((run_dir / "rank1.json").read_text())
-    assert r0["param_sum"] == r1["param_sum"]
+    # that the ranks end with equal weights is checked by a callback on each rank in
+    # test_scale.py::test_ddp_accumulation_all_reduces_once_per_step_and_equals_one_large_batch
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["tokens"] == 6 * 2 * 4 * 64  # two ranks, each 4 x 64 per step
 

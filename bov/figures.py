@@ -1,0 +1,202 @@
+"""Paper-style figures from tidy frames (bov.analysis makes the frames): one seaborn look for all.
+
+Figure 4 (`plot_curves`: BPB against tokens and FLOPs), Figure 2 (`plot_coefficients`), the metric at each
+level of an axis (`plot_axis`), BPB against epochs (`plot_epochs`), and Figure 5a (`plot_vcache`: the
+V-cache saved by banks against context length, with the cache bytes bov.infer allocates).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from bov.tracking import VAL_BPB
+
+def style() -> None:
+    """One look for every figure."""
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+
+
+def save(fig, out_dir: Path, stem: str) -> list[Path]:
+    """PNG (200 dpi) and PDF of a figure; closes it."""
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=200, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def plot_curves(history: pd.DataFrame, metric: str = VAL_BPB, order: Sequence[str] | None = None,
+                highlight: str | None = None, title: str = ""):
+    """Figure 4 of the paper: the metric against training tokens and against FLOPs, one line per level.
+
+    Bands are ± one standard deviation over seeds (none where a level has one seed).
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    h = history[history["metric"] == metric]
+    order = [lv for lv in (order or sorted(h["level"].unique())) if lv in set(h["level"])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, x, label in ((axes[0], "tokens", "training tokens"), (axes[1], "flops", "training FLOPs")):
+        sns.lineplot(data=h, x=x, y="value", hue="level", hue_order=order, errorbar="sd", marker="o",
+                     markersize=4, ax=ax, legend=ax is axes[1])
+        if highlight is not None:
+            hl = h[h["level"] == highlight].groupby(x)["value"].mean()
+            ax.plot(hl.index, hl.to_numpy(), color="black", lw=2.5, alpha=0.35, zorder=0)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"validation {metric.split('/')[-1]}" if ax is axes[0] else "")
+    axes[1].legend(title=None, fontsize=8, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_coefficients(coeffs: pd.DataFrame, order: Sequence[str] | None = None, title: str = ""):
+    """Figure 2 of the paper: learned value coefficients per target layer at the end of training.
+
+    `b` multiplies the context-free source (bank row, x0 W_V, V_0); `a` the layer's own V (add variants).
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    kinds = [k for k in ("b", "a") if k in set(coeffs["coeff"])]
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 4), squeeze=False)
+    names = {"b": "coefficient on the context-free value (b)", "a": "coefficient on the contextual value (a)"}
+    order = [lv for lv in (order or sorted(coeffs["level"].unique())) if lv in set(coeffs["level"])]
+    for ax, kind in zip(axes[0], kinds):
+        sns.pointplot(data=coeffs[coeffs["coeff"] == kind], x="layer", y="value", hue="level", hue_order=order,
+                      errorbar=None, dodge=0.3, ax=ax, markersize=5)
+        ax.axhline(1.0 if kind == "b" else 0.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(names[kind], fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("value at the end of training")
+        ax.legend(fontsize=8, title=None)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_axis(runs: pd.DataFrame, by: str = "level", metric: str = VAL_BPB, order: Sequence[str] | None = None,
+              baseline: str | None = None, title: str = "", xlabel: str | None = None):
+    """The metric at each level of an axis: mean over seeds with a 95% bootstrap interval, and every seed."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    order = [lv for lv in (order or sorted(runs[by].unique())) if lv in set(runs[by])]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(order) + 2), 4))
+    sns.stripplot(data=runs, x=by, y=metric, order=order, color="grey", alpha=0.6, size=4, ax=ax)
+    sns.pointplot(data=runs, x=by, y=metric, order=order, errorbar=("ci", 95), linestyle="none", capsize=0.2,
+                  marker="D", ax=ax, seed=0)
+    if baseline is not None and baseline in set(runs[by]):
+        ax.axhline(runs.loc[runs[by] == baseline, metric].mean(), color="black", lw=0.8, ls="--",
+                   label=f"{baseline} (mean)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel or by)
+    ax.set_ylabel(f"validation {metric.split('/')[-1]}")
+    ax.tick_params(axis="x", rotation=30)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_epochs(runs: pd.DataFrame, metric: str = VAL_BPB, hue: str = "variant", order: Sequence[str] | None = None,
+                title: str = ""):
+    """The metric against epochs over the training data, one line per variant (± one std over seeds).
+
+    Compute is fixed; fewer unique tokens means more epochs. A bank's tables can memorize what
+    a parameter-free source cannot (shared/spec section 7).
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    order = [v for v in (order or sorted(runs[hue].unique())) if v in set(runs[hue])]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=runs, x="epochs", y=metric, hue=hue, hue_order=order, errorbar="sd", marker="o", ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epochs over the unique training tokens (fixed compute)")
+    ax.set_ylabel(f"validation {metric.split('/')[-1]}")
+    ax.legend(fontsize=8, title=None)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def vcache_saving_bytes(n_bank_layers: int, kv_dim: int, vocab: int, context: np.ndarray, bytes_per: int = 2) -> np.ndarray:
+    """The spec's formula (section 2), which ignores sliding windows: layers * H_kv d_h * b * (T - |V|)."""
+    return n_bank_layers * kv_dim * bytes_per * (np.asarray(context, dtype=np.float64) - vocab)
+
+
+def cacheless_layers(preset: str, variant: str) -> tuple[int, int]:
+    """(bank layers that cache no values, H_kv * d_h) of a preset/variant (`LayerPlan.value_cache`)."""
+    from bov.config import load_config
+    from bov.plan import build_plan
+
+    cfg = load_config(preset, variant).model
+    plan = build_plan(cfg)
+    return sum(p.value_cache == "bank" for p in plan), cfg.n_kv_heads * cfg.head_dim
+
+
+def vcache_saving(preset: str, variant: str, vocab: int, contexts: Sequence[int], bytes_per: int = 2) -> np.ndarray:
+    """Cache bytes saved per sequence against the baseline, net of the bank tables, as bov.infer allocates them:
+    the plan's value caches and the sliding windows' rings (`bov.infer.analytic_cache_bytes`)."""
+    from bov.config import load_config
+    from bov.infer import analytic_cache_bytes
+    from bov.plan import build_plan, num_banks
+
+    over = [f"model.vocab_size={vocab}"]
+    base, var = load_config(preset, "baseline", over).model, load_config(preset, variant, over).model
+    tables = num_banks(build_plan(var)) * vocab * var.n_kv_heads * var.head_dim * bytes_per
+    return np.array([analytic_cache_bytes(base, T, 1, bytes_per)["total"] - analytic_cache_bytes(var, T, 1, bytes_per)["total"]
+                     - tables for T in contexts], dtype=np.float64)
+
+
+def plot_vcache(preset: str = "135m", variant: str = "bov", vocabs: Sequence[int] = (32768, 131072),
+                contexts: Sequence[int] = tuple(2 ** k for k in range(10, 18)), bytes_per: int = 2,
+                measured: pd.DataFrame | None = None, title: str = ""):
+    """Figure 5a of the paper: V-cache memory saved by banks against context length, two vocabulary sizes.
+
+    Solid lines: what bov's cache allocates (window layers keep a ring of their window, so a windowed bank
+    layer saves only that much); dashed: the paper's formula, which ignores windows. `measured` (columns
+    vocab, context, saved_bytes) adds points.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    n, kv = cacheless_layers(preset, variant)
+    T = np.asarray(contexts)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, V in enumerate(vocabs):
+        color = sns.color_palette()[i]
+        ax.plot(T, vcache_saving(preset, variant, V, T, bytes_per) / 2**20, marker="o", ms=3, color=color,
+                label=f"|V| = {V:,}, bov's cache (windows as rings)")
+        ax.plot(T, vcache_saving_bytes(n, kv, V, T, bytes_per) / 2**20, ls="--", lw=1, color=color,
+                label=f"|V| = {V:,}, paper's formula (no windows; break-even T = |V|)")
+        if measured is not None and len(m := measured[measured["vocab"] == V]):
+            ax.scatter(m["context"], m["saved_bytes"] / 2**20, color=color, marker="x", s=40, zorder=3,
+                       label=f"|V| = {V:,}, measured")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length T (tokens)")
+    ax.set_ylabel("V cache saved per sequence (MiB)")
+    ax.set_title(title or f"{preset} {variant}: {n} bank layers x {kv} values x {bytes_per} bytes", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

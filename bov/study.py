@@ -1,0 +1,222 @@
+"""A study as a researcher reads it: `sweeps/<name>.yaml` -> validated cells with their budgets.
+
+A study file names a base preset and variant, an axis and its levels (a list of values of one config key,
+or named sets of overrides), seeds, a budget, and a sampler: `grid` crosses levels with seeds, `tpe`
+searches a space. `load_sweep` resolves it at one scale into every cell's validated `ExperimentConfig`,
+before any compute; nothing here touches Optuna or MLflow (bov.sweep runs a study).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bov.budget import Budget, model_shape, plan_budget, world_size
+from bov.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from bov.tracking import VAL_BPB, VAL_LOSS
+
+SWEEPS_DIR = Path(os.environ.get("BOV_SWEEPS_DIR", Path(__file__).resolve().parent.parent / "sweeps"))
+BUDGET_KEYS = ("train.max_steps", "train.max_tokens", "train.max_flops")
+
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Base(_Strict):
+    preset: str
+    variant: str = "baseline"
+
+
+class BudgetSpec(_Strict):
+    """`steps` of the reference cell, turned into the same FLOPs (or tokens) for every cell."""
+
+    steps: int | None = Field(None, ge=1)  # None: the preset's own train.max_steps
+    match: Literal["flops", "tokens", "steps"] = "flops"
+
+
+class SearchParam(_Strict):
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    type: Literal["float", "int"] = "float"
+    choices: list[Any] | None = None
+
+
+class Pruner(_Strict):
+    n_startup_trials: int = Field(4, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+
+
+class SweepSpec(_Strict):
+    """One sweeps/<name>.yaml."""
+
+    study: str
+    description: str = ""
+    base: Base
+    axis: str  # a config key (model.bank_layers), `variant`, or a name for a mapping of override sets
+    levels: Union[list[Any], dict[str, dict[str, Any]]] = []
+    baseline_level: str | None = None
+    seeds: list[int] = [0]
+    budget: BudgetSpec = BudgetSpec()
+    overrides: dict[str, Any] = {}
+    sampler: Literal["grid", "tpe"] = "grid"
+    metric: Literal[VAL_BPB, VAL_LOSS] = VAL_BPB  # type: ignore[valid-type]
+    space: dict[str, SearchParam] = {}  # tpe only
+    n_trials: int | None = Field(None, ge=1)  # tpe only
+    pruner: Pruner = Pruner()
+
+
+@dataclass(frozen=True)
+class Cell:
+    level: str
+    seed: int
+    cfg: ExperimentConfig
+    overrides: dict[str, Any] = field(default_factory=dict)  # what load_config got on top of preset + variant
+
+
+@dataclass
+class Sweep:
+    """A definition resolved at one scale: every cell's validated config, before any compute."""
+
+    name: str  # the Optuna study and MLflow experiment
+    spec: SweepSpec
+    path: Path
+    preset: str
+    cells: list[Cell] = field(default_factory=list)  # grid; for tpe, one template cell
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def levels(self) -> list[str]:
+        return list(dict.fromkeys(c.level for c in self.cells))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys(c.seed for c in self.cells))
+
+    def cell(self, level: str, seed: int) -> Cell:
+        return next(c for c in self.cells if c.level == level and c.seed == seed)
+
+
+def list_sweeps() -> list[str]:
+    return sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "layers_" + "_".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def load_sweep(
+    name: str,
+    scale: str | None = None,
+    seeds: list[int] | None = None,
+    study: str | None = None,
+    steps: int | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Sweep:
+    """sweeps/<name>.yaml (or a path) -> Sweep with every cell validated; ConfigError names the file and key."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = SWEEPS_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown sweep {name!r}; available: {', '.join(list_sweeps())}")
+    elif not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        spec = SweepSpec.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("list[", "dict[")))
+        raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
+    if spec.sampler == "grid" and not spec.levels:
+        raise ConfigError(f"{path}: levels: a grid sweep needs at least one level")
+    if spec.sampler == "tpe" and (not spec.space or spec.n_trials is None):
+        raise ConfigError(f"{path}: a tpe sweep needs space and n_trials")
+    if seeds is not None:
+        spec = spec.model_copy(update={"seeds": list(seeds)})
+    if len(set(spec.seeds)) != len(spec.seeds) or not spec.seeds:
+        raise ConfigError(f"{path}: seeds must be distinct and not empty (got {spec.seeds})")
+    preset = scale or spec.base.preset
+    if scale is None or scale == spec.base.preset:
+        steps = steps or spec.budget.steps
+    sweep = Sweep(study or f"{spec.study}-{preset}", spec, path, preset, overrides=parse_flat(overrides))
+    levels = _levels(spec, path)
+    if bad := [lv for lv in levels if "/" in lv or lv.startswith(".")]:  # each level gets a folder
+        raise ConfigError(f"{path}: level {bad[0]!r}: a level name cannot contain '/' or start with '.'")
+    if spec.baseline_level is not None and spec.baseline_level not in levels:
+        raise ConfigError(f"{path}: baseline_level {spec.baseline_level!r} is not a level ({', '.join(levels)})")
+
+    def cell(level: str, seed: int, budget: dict[str, Any]) -> Cell:
+        over = {**spec.overrides, **levels[level], **sweep.overrides}
+        variant = over.pop("variant", spec.base.variant)
+        over = {**over, **budget, "train.seed": seed, "tracking.experiment": sweep.name}
+        try:
+            return Cell(level, seed, load_config(preset, variant, over), over)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: level {level}: {e}") from None
+
+    # the budget: the reference cell's steps, as FLOPs (or tokens) every cell gets
+    ref_level = spec.baseline_level or next(iter(levels))
+    budget = _budget(cell(ref_level, spec.seeds[0], {}).cfg, spec.budget.match, steps)
+    sweep.cells = [cell(level, seed, budget) for level in levels for seed in spec.seeds]
+    return sweep
+
+
+def parse_flat(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`["train.lr_bank=0.1"]` -> {"train.lr_bank": 0.1} (dotted keys kept flat)."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parse_overrides(overrides)  # same syntax checks as `bov train --set`
+    return {k.strip(): yaml.safe_load(v) if v.strip() else None for k, v in (o.split("=", 1) for o in overrides)}
+
+
+def _levels(spec: SweepSpec, path: Path) -> dict[str, dict[str, Any]]:
+    """Level label -> the overrides that make it."""
+    if spec.sampler == "tpe":
+        return {"trial": {}}
+    if isinstance(spec.levels, dict):
+        return {str(k): dict(v or {}) for k, v in spec.levels.items()}
+    key = "variant" if spec.axis == "variant" else spec.axis
+    if key != "variant" and "." not in key:
+        raise ConfigError(f"{path}: axis {key!r}: a list of levels needs a dotted config key (e.g. model.{key})")
+    labels = [_label(v) for v in spec.levels]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{path}: levels: duplicate level in {spec.levels}")
+    return {lab: {key: v} for lab, v in zip(labels, spec.levels)}
+
+
+def _budget(ref: ExperimentConfig, match: str, steps: int | None) -> dict[str, Any]:
+    """Every cell's budget override, from the reference cell at the sweep's scale."""
+    if steps is not None:
+        ref = ref.model_copy(update={"train": ref.train.model_copy(
+            update={"max_steps": steps, "max_tokens": None, "max_flops": None})})
+    b = plan_budget(ref, model_shape(ref.model)[0])
+    none = dict.fromkeys(BUDGET_KEYS)
+    if match == "steps":
+        return {**none, "train.max_steps": b.steps}
+    if match == "tokens":
+        return {**none, "train.max_tokens": b.tokens}
+    return {**none, "train.max_flops": b.flops}
+
+
+
+def cell_budgets(sweep: Sweep) -> list[tuple[Budget, dict[str, int]]]:
+    """(Budget, parameter split) of every cell; each distinct model is sized once (`bov.budget.model_shape`)."""
+    out = []
+    for c in sweep.cells:
+        fpt, params = model_shape(c.cfg.model)
+        out.append((plan_budget(c.cfg, fpt, world_size(c.cfg)), params))
+    return out

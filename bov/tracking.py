@@ -1,0 +1,186 @@
+"""The MLflow run schema, in one place: names of tags and metrics, opening, tagging, ending and marking runs.
+
+Writers (bov.train, bov.sweep) and the reader (bov.analysis) use the names defined here, so a tag or a
+metric is spelled once. A training run carries the flattened config as params (plus `budget.*`, `params.*`,
+`regime.*`), the tags below, and the artifacts `config.yaml` and `final_metrics.json`. A sweep's parent run
+(`bov.role=sweep`) carries the study definition as structured data: the `sweep.yaml` it ran and
+`study.json` (axis, levels, seeds, metric, baseline level, preset, definition name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bov.paths import runs_dir
+
+# ----------------------------------------------------------------------------- names
+
+# metrics (MLflow keys; the run summary and `--json` use the same quantities under SUMMARY_KEYS)
+VAL_BPB, VAL_LOSS, TRAIN_LOSS = "val/bpb", "val/loss", "train/loss"
+TOKENS_PER_S, MFU = "throughput/tokens_per_s", "throughput/mfu"
+SUMMARY_KEYS = {VAL_BPB: "val_bpb", VAL_LOSS: "val_loss", TRAIN_LOSS: "train_loss"}
+
+# tags of every training run
+TAG_VARIANT, TAG_PRESET, TAG_SEED = "variant", "preset", "seed"
+TAG_GIT, TAG_CONFIG_HASH, TAG_DATA, TAG_REPEATED = "git_commit", "config_hash", "data_fingerprint", "data_repeated"
+TAG_ERROR, TAG_RESUMED_AFTER_ERROR = "error", "resumed_after_error"
+# tags of sweep trials and of a sweep's parent run
+TAG_STUDY, TAG_TRIAL, TAG_AXIS, TAG_LEVEL, TAG_CELL_SEED = "bov.study", "bov.trial", "bov.axis", "bov.level", "bov.seed"
+TAG_SWEEP_FILE, TAG_ROLE, TAG_PRUNED_AT = "bov.sweep_file", "bov.role", "bov.pruned_at_step"
+ROLE_SWEEP = "sweep"
+STUDY_ARTIFACT, SWEEP_ARTIFACT = "study.json", "sweep.yaml"
+
+# Optuna study / trial attributes that point at MLflow
+STUDY_PARENT_RUN, STUDY_TRACKING_URI, TRIAL_RUN_ID = "mlflow_parent_run_id", "mlflow_tracking_uri", "mlflow_run_id"
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The experiment's id, creating it; with the embedded store, artifacts go under the runs dir too."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    local = uri.startswith("sqlite:")  # a server (MLFLOW_TRACKING_URI) keeps its own artifact store
+    return client.create_experiment(name, artifact_location=(runs_dir() / "artifacts").as_uri() if local else None)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data_fingerprint: str, repeated: bool,
+             state_path: Path, resume: bool = False, extra_tags: dict[str, str] | None = None,
+             parent_run_id: str | None = None) -> str:
+    """Create a training run (params, tags, config artifact) and remember its id in `state_path`; on resume,
+    reopen the stored run, keeping why it stopped as `resumed_after_error`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
+    if resume and state_path.is_file():
+        run_id = json.loads(state_path.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        error = client.get_run(run_id).data.tags.get(TAG_ERROR)
+        if error:  # the run goes on: keep why it stopped, but not as its error
+            client.set_tag(run_id, TAG_RESUMED_AFTER_ERROR, error)
+            client.delete_tag(run_id, TAG_ERROR)
+        for k, v in (extra_tags or {}).items():  # e.g. the sweep trial that took the run over
+            client.set_tag(run_id, k, v)
+        return run_id
+    tags = {TAG_VARIANT: cfg.variant, TAG_PRESET: cfg.preset, TAG_SEED: str(cfg.train.seed), TAG_GIT: git_commit(),
+            TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATA: data_fingerprint, TAG_REPEATED: str(repeated).lower(),
+            **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+    state_path.write_text(json.dumps({"run_id": run_id}))
+    _log_params(client, run_id, {**cfg.flat(), **params})
+    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    return run_id
+
+
+def end_run(uri: str, run_id: str, status: str, error: str | None, summary: dict[str, Any]) -> None:
+    """The final status, the error (if any) as a tag, and the run summary as `final_metrics.json`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if error:
+        client.set_tag(run_id, TAG_ERROR, error[:5000])
+    client.log_dict(run_id, summary, "final_metrics.json")
+    client.set_terminated(run_id, status=status)
+
+
+def mark_pruned(uri: str, run_id: str, step: int) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, TAG_PRUNED_AT, str(step))
+    client.set_terminated(run_id, status="KILLED")
+
+
+def mark_lost_run(study, trial, why: str = "no heartbeat") -> None:
+    """A trial whose worker died (Optuna's heartbeat callback, or a dead local pid): its MLflow run ends
+    KILLED with the reason, not RUNNING forever."""
+    import mlflow
+
+    uri = study.user_attrs.get(STUDY_TRACKING_URI)
+    run_id = trial.user_attrs.get(TRIAL_RUN_ID)
+    if not uri or not run_id:
+        return
+    client = mlflow.MlflowClient(uri)
+    with contextlib.suppress(Exception):
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, TAG_ERROR, f"worker lost ({why}); trial {trial.number} will be retried")
+            client.set_terminated(run_id, status="KILLED")
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def study_definition(sweep) -> dict[str, Any]:
+    """What the analysis needs to know of a study, as data (not strings to parse back)."""
+    spec = sweep.spec
+    return {"study": sweep.name, "definition": spec.study, "axis": spec.axis, "levels": sweep.levels,
+            "seeds": sweep.seeds, "metric": spec.metric, "baseline_level": spec.baseline_level,
+            "preset": sweep.preset, "sampler": spec.sampler, "sweep_file": sweep.path.name,
+            "budget": {k: v for k, v in sweep.cells[0].overrides.items() if k.startswith("train.max_") and v is not None}}
+
+
+def create_sweep_run(sweep, uri: str, experiment_id: str, storage_url: str) -> str:
+    """The study's parent run: tags, typed params, and the definition as `sweep.yaml` and `study.json`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    spec = sweep.spec
+    tags = {TAG_STUDY: sweep.name, TAG_AXIS: spec.axis, TAG_SWEEP_FILE: sweep.path.name, TAG_ROLE: ROLE_SWEEP,
+            TAG_PRESET: sweep.preset, TAG_GIT: git_commit(),
+            "optuna_storage": storage_url.split("@")[-1]}  # never a password
+    run_id = client.create_run(experiment_id, tags=tags, run_name=f"sweep {sweep.name}").info.run_id
+    definition = study_definition(sweep)
+    _log_params(client, run_id, {"axis": spec.axis, "sampler": spec.sampler, "metric": spec.metric,
+                                 "preset": sweep.preset, "baseline_level": spec.baseline_level or "-",
+                                 "n_levels": len(sweep.levels), "n_seeds": len(sweep.seeds),
+                                 **{f"budget.{k.removeprefix('train.')}": v for k, v in definition["budget"].items()}})
+    client.log_text(run_id, sweep.path.read_text(), SWEEP_ARTIFACT)
+    client.log_dict(run_id, definition, STUDY_ARTIFACT)
+    return run_id
+
+
+def read_study_definition(run) -> dict[str, Any]:
+    """A parent run's study definition: `study.json`, or (stores written before it existed) the comma-joined
+    params and `sweep.yaml` of the older schema."""
+    import mlflow
+    import yaml
+
+    run_id = run.info.run_id
+    with contextlib.suppress(Exception):
+        return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{STUDY_ARTIFACT}"))
+    p = run.data.params
+    out = {"axis": p.get("axis", "level"), "levels": [lv for lv in p.get("levels", "").split(",") if lv],
+           "metric": p.get("metric", "val/bpb"), "preset": p.get("preset"), "baseline_level": None, "definition": None}
+    with contextlib.suppress(Exception):
+        spec = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{SWEEP_ARTIFACT}"))
+        out.update(baseline_level=spec.get("baseline_level"), definition=spec.get("study"))
+    return out

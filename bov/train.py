@@ -144,8 +144,10 @@ class LitBoV(pl.LightningModule):
                        for k, ps in groups.items() if ps and not (k == "matrix" and t.optimizer == "muon")]
         opt = torch.optim.AdamW(adam_groups, betas=t.betas, eps=1e-10, fused=torch.cuda.is_available())
         if t.optimizer == "muon":
+            # Keller Jordan's scaling, lr * sqrt(max(1, rows / cols)), as the paper's nanochat code: its lr 0.02 is
+            # meant that way (Moonshot's "match_rms_adamw" would multiply it by 0.2 * sqrt(max(rows, cols)), ~11x at 135m)
             muon = torch.optim.Muon(groups["matrix"], lr=t.lr_matrix, weight_decay=t.weight_decay,
-                                    adjust_lr_fn="match_rms_adamw")
+                                    adjust_lr_fn="original")
             muon.param_groups[0]["name"] = "matrix"
             opt = MatricesAndRest([muon, opt])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.budget.steps, t))

@@ -89,8 +89,9 @@ def test_every_sweep_definition_resolves_before_compute():
     for name in list_sweeps():
         sweep = load_sweep(name)
         assert sweep.cells and sweep.name == f"{sweep.spec.study}-tiny"
-        budgets = {c.cfg.train.max_flops for c in sweep.cells}
-        assert len(budgets) == 1 and None not in budgets  # compute-matched: one FLOPs budget for every cell
+        key = {"flops": "max_flops", "tokens": "max_tokens", "steps": "max_steps"}[sweep.spec.budget.match]
+        budgets = {getattr(c.cfg.train, key) for c in sweep.cells}
+        assert len(budgets) == 1 and None not in budgets  # matched: one FLOPs (or token) budget for every cell
     assert {"bank_layers", "value_mode", "value_source", "value_coeff", "value_residual", "bank_init",
             "bank_sharing", "variants", "table1", "component_ablation"} <= set(list_sweeps())
 

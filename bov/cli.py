@@ -75,18 +75,29 @@ def train(
 
     from bov.data import DataError, check_source
 
+    from bov.paths import tracking_uri
+    from bov.tracking import check_tracking_uri
+
     cfg = load_or_exit(preset, variant, set_)
     try:
         check_source(cfg.data)  # one line before any compute
-    except DataError as e:
+        check_tracking_uri(tracking_uri(cfg.tracking.tracking_uri))
+    except (DataError, ValueError) as e:
         fail(str(e))
     from bov.train import Diverged, run_training
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     log = (lambda msg: typer.echo(msg, err=True)) if json_out else typer.echo
     try:
         summary = run_training(cfg, resume=resume, log=log)
     except (Diverged, DataError, FileNotFoundError, ValueError) as e:
         fail(str(e), code=1)
+    except (KeyboardInterrupt, SystemExit, SIGTERMException) as e:  # Lightning stopped gracefully; the run is KILLED
+        how = "SIGTERM" if isinstance(e, SIGTERMException) else "interrupted"
+        typer.echo(f"{how}: the run ended KILLED; the same command with --resume continues it from its last "
+                   "checkpoint", err=True)
+        raise typer.Exit(143 if isinstance(e, SIGTERMException) else 130)
     if json_out:
         typer.echo(json.dumps(summary))
     else:
@@ -224,6 +235,10 @@ def generate(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        fail(f"--device {device!r}: auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device on this machine (use --device cpu)")
     try:
         loaded = load_checkpoint(checkpoint, device=device)
         text = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed, offload_banks)
@@ -267,13 +282,17 @@ def sweep(
         import torch
 
         workers = max(1, torch.cuda.device_count())
+    from bov.paths import tracking_uri
+    from bov.tracking import check_tracking_uri
+
     try:
         sw = load_sweep(name, scale=scale, seeds=_seeds(seeds), study=study, steps=steps, overrides=set_)
         for data_cfg in {c.cfg.data.model_dump_json(): c.cfg.data for c in sw.cells}.values():
             check_source(data_cfg)
+        check_tracking_uri(tracking_uri(sw.cells[0].cfg.tracking.tracking_uri))
         result = run_sweep(sw, workers=workers, storage=storage, heartbeat=heartbeat, retry_failed=retry_failed,
                            log=typer.echo)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ValueError) as e:
         fail(str(e))
     typer.echo("")
     typer.echo(format_summary(result.table, sw))

@@ -381,6 +381,16 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") 
             _check_keys(v, ann, f"{prefix}{k}.")
 
 
+def override_value(key: str, text: str) -> Any:
+    """The value of `key=text` as a YAML scalar or flow collection (`none`, `0.5`, `[1, 3]`); empty is None."""
+    if not text.strip():
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={text}: not a valid YAML value ({str(e).splitlines()[0]})") from None
+
+
 def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
     """`["a.b=1"]` or `{"a.b": 1}` -> nested dict; string values parse as YAML scalars."""
     if not overrides:
@@ -393,7 +403,7 @@ def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, A
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like section.key=value")
             k, v = item.split("=", 1)
-            items.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
+            items.append((k.strip(), override_value(k.strip(), v)))
     nested: dict[str, Any] = {}
     for key, value in items:
         parts = key.split(".")

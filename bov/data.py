@@ -390,7 +390,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
         path = root / f"{name}.bin"
         stream = _load_cached(path)
         if stream is None or not stream.serves(limits[name]):
-            log(f"tokenizing {name} split of {d.source} -> {path}")
+            log(f"tokenizing {name} split of {d.val_source if name == 'val' and d.val_source else d.source} -> {path}")
             stream = _pack(split_docs()[name], tok, bos_id, path, d.num_proc or os.cpu_count() or 1, limits[name])
         streams[name] = stream.head(limits[name], token_bytes)
     return PreparedData(streams["train"], streams["val"], token_bytes, tok_path, fingerprint, bos_id)

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bov.budget import Budget, model_shape, plan_budget, world_size
-from bov.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from bov.config import ConfigError, ExperimentConfig, load_config, override_value, parse_overrides
 from bov.tracking import VAL_BPB, VAL_LOSS
 
 SWEEPS_DIR = Path(os.environ.get("BOV_SWEEPS_DIR", Path(__file__).resolve().parent.parent / "sweeps"))
@@ -180,7 +180,7 @@ def parse_flat(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(overrides, dict):
         return dict(overrides)
     parse_overrides(overrides)  # same syntax checks as `bov train --set`
-    return {k.strip(): yaml.safe_load(v) if v.strip() else None for k, v in (o.split("=", 1) for o in overrides)}
+    return {k.strip(): override_value(k.strip(), v) for k, v in (o.split("=", 1) for o in overrides)}
 
 
 def _levels(spec: SweepSpec, path: Path) -> dict[str, dict[str, Any]]:

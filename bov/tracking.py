@@ -38,6 +38,24 @@ STUDY_ARTIFACT, SWEEP_ARTIFACT = "study.json", "sweep.yaml"
 STUDY_PARENT_RUN, STUDY_TRACKING_URI, TRIAL_RUN_ID = "mlflow_parent_run_id", "mlflow_tracking_uri", "mlflow_run_id"
 
 
+def check_tracking_uri(uri: str) -> None:
+    """Fail within seconds, in one line, when an MLflow server cannot be reached (MLflow itself retries for
+    minutes); the embedded SQLite store needs no check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise ValueError(f"MLFLOW_TRACKING_URI / tracking.tracking_uri: the MLflow server {uri} is not reachable "
+                         f"({type(e).__name__}); start it, or unset the variable to use the embedded store") from None
+
+
 def ensure_experiment(name: str, uri: str) -> str:
     """The experiment's id, creating it; with the embedded store, artifacts go under the runs dir too."""
     import mlflow

@@ -21,6 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from bov import tracking
@@ -76,6 +78,35 @@ def lr_factor(step: int, total: int, cfg) -> float:
 
 
 # ----------------------------------------------------------------------------- module
+
+
+def check_loss(loss: float, step: int, vocab_size: int) -> None:
+    """Diverged when the loss is NaN or infinite, or has exploded: above 4 x ln |V|, four times what guessing
+    uniformly over the vocabulary costs, which no training run passes through on its way down."""
+    if not math.isfinite(loss):
+        raise Diverged(f"train loss is {loss} at step {step}; stopping (lower the LR?)")
+    if loss > 4 * math.log(vocab_size):
+        raise Diverged(f"train loss exploded to {loss:.4g} at step {step} (uniform guessing costs "
+                       f"{math.log(vocab_size):.2f}); stopping (lower the LR?)")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Each checkpoint is written next to its final name, synced, then renamed over it, so a kill mid-save leaves
+    the previous checkpoint whole. (Lightning's own save stages the file through fsspec's temp dir, and a move
+    from another filesystem is a copy that a kill can cut short, truncating the old checkpoint.)"""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class MatricesAndRest(torch.optim.Optimizer):
@@ -179,8 +210,7 @@ class LitBoV(pl.LightningModule):
         self._t_last = now
         if step % self.cfg.tracking.log_every and step != self.budget.steps:
             return
-        if not math.isfinite(self.last_train_loss):  # checked at the logging cadence (a sync on GPU)
-            raise Diverged(f"train loss is {self.last_train_loss} at step {step}; stopping (lower the LR?)")
+        check_loss(self.last_train_loss, step, self.cfg.model.vocab_size)  # at the logging cadence (a sync on GPU)
         tokens = step * self.budget.tokens_per_step
         m: dict[str, float] = {tracking.TRAIN_LOSS: self.last_train_loss, "tokens": float(tokens),
                                "flops": float(tokens) * self.budget.flops_per_token}
@@ -267,6 +297,8 @@ def run_training(
         for old in run_dir.glob("*.ckpt"):
             old.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    for orphan in run_dir.glob(".*.tmp*"):  # a save that a kill interrupted
+        orphan.unlink(missing_ok=True)
 
     world = world_size(cfg)
     flops_per_token, params = model_shape(cfg.model)
@@ -310,6 +342,7 @@ def run_training(
             num_sanity_val_steps=0, logger=logger, callbacks=[*([] if bench else [ckpt_cb]), *(callbacks or [])],
             enable_progress_bar=is_zero and os.environ.get("BOV_PROGRESS", "1") == "1", enable_model_summary=False,
             use_distributed_sampler=False,  # TrainWindows gives each rank its own slice
+            plugins=[AtomicCheckpointIO()],
             default_root_dir=str(run_dir),
         )
         module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes), data.tokenizer_path.read_text(), peak)
@@ -328,11 +361,13 @@ def run_training(
             if not bench and (getattr(module, "val_metrics", None) is None or trainer.global_step % cfg.train.val_every):
                 trainer.validate(module, datamodule=dm, verbose=False)
             status = "FINISHED"
-    except BaseException as e:  # Lightning turns Ctrl-C into SystemExit after a graceful stop
-        killed = isinstance(e, KeyboardInterrupt) or (trainer is not None and trainer.interrupted
-                                                        and isinstance(e, SystemExit))
+    except BaseException as e:  # Lightning turns Ctrl-C into SystemExit after a graceful stop, SIGTERM into its own
+        sigterm = isinstance(e, SIGTERMException)
+        killed = sigterm or isinstance(e, KeyboardInterrupt) or (trainer is not None and trainer.interrupted
+                                                                 and isinstance(e, SystemExit))
         status = "KILLED" if killed else "FAILED"
-        error = "interrupted" if killed else (str(e) if isinstance(e, Diverged) else f"{type(e).__name__}: {e}")
+        error = ("interrupted (SIGTERM)" if sigterm else "interrupted") if killed else (
+            str(e) if isinstance(e, Diverged) else f"{type(e).__name__}: {e}")
         raise
     finally:
         steps = trainer.global_step if trainer is not None else 0

@@ -142,7 +142,9 @@ def test_ddp_two_processes_agree(tmp_path):
     assert summary["tokens"] == 6 * 2 * 4 * 64  # two ranks, each 4 x 64 per step
 
 
-def test_ctrl_c_ends_run_killed(tmp_path):
+@pytest.mark.parametrize("signum,code,error", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "interrupted (SIGTERM)")])
+def test_ctrl_c_ends_run_killed(tmp_path, signum, code, error):
     runs = tmp_path / "int"
     args = ["train", "-p", "micro", "--set", "train.max_steps=5000", "--set", "train.ckpt_every=10", "--set", "train.val_every=10"]
     proc = subprocess.Popen(BOV + args, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -152,16 +154,18 @@ def test_ctrl_c_ends_run_killed(tmp_path):
         while not list(runs.glob("train/*/last.ckpt")):  # training is under way
             assert proc.poll() is None and time.time() - t0 < 180
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
     finally:  # never leave a 5000-step run behind when an assertion fails
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    assert proc.returncode == code
+    assert "the run ended KILLED; the same command with --resume continues it" in stderr.strip().splitlines()[-1]
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])
-    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    assert run.info.status == "KILLED" and run.data.tags["error"] == error
+    assert not list(runs.glob("train/*/.*.tmp*"))  # no half-written checkpoint left behind
 
 
 def test_failure_while_building_the_trainer_ends_failed(runs):
@@ -171,3 +175,48 @@ def test_failure_while_building_the_trainer_ends_failed(runs):
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])
     assert run.info.status == "FAILED" and "no_such_strategy" in run.data.tags["error"]
+
+
+def test_a_loss_that_explodes_without_nan_is_divergence():
+    from bov.train import Diverged, check_loss
+
+    check_loss(6.3, 1, 512)  # about uniform guessing over 512 tokens: fine
+    for bad in (float("nan"), float("inf"), 1e5, 4 * 6.24 + 0.1):
+        with pytest.raises(Diverged, match="at step 7"):
+            check_loss(bad, 7, 512)
+
+
+def test_a_checkpoint_save_cut_short_leaves_the_previous_one_whole(tmp_path):
+    import torch
+
+    from bov.train import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "shm" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    good = path.read_bytes()
+    with pytest.raises(Exception):  # fails mid-write: the object cannot be pickled
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3), "bad": lambda: None}, path)
+    assert path.read_bytes() == good and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    io.save_checkpoint({"step": 3}, path)
+    assert torch.load(path, weights_only=True) == {"step": 3}
+
+
+def test_unreachable_tracking_server_fails_in_one_line_before_compute(tmp_path):
+    env = env_with(tmp_path / "runs")
+    env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    t0 = time.time()
+    r = subprocess.run(BOV + ["train", "-p", "micro"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 60
+    assert r.stderr.count("\n") == 1 and "http://127.0.0.1:9 is not reachable" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_override_values_and_devices_are_one_line(tmp_path):
+    r = subprocess.run(BOV + ["train", "-p", "micro", "--set", "model.bank_layers=[1,"], env=env_with(tmp_path / "r"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model.bank_layers=[1," in r.stderr
+    r = subprocess.run(BOV + ["generate", "-c", str(tmp_path / "none.ckpt"), "--device", "tpu"],
+                       env=env_with(tmp_path / "r"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--device 'tpu'" in r.stderr
+    assert not (tmp_path / "r").exists()

@@ -116,19 +116,13 @@ def prepare_cmd(
                                          "(default: what the config's budget reads)"),
 ) -> None:
     """Tokenize a corpus once: the tokenizer and token streams every run, budget and sweep cell then reuses."""
-    import torch
-
+    from bov.budget import model_shape, plan_budget, world_size
     from bov.data import DataError, check_source, prepare
-    from bov.model import GPT
-    from bov.train import plan_budget
 
     cfg = load_or_exit(preset, variant, set_)
     try:
         check_source(cfg.data)
-        with torch.device("meta"):
-            fpt = GPT(cfg.model).flops_per_token(cfg.model.seq_len)
-        world = (cfg.train.devices if isinstance(cfg.train.devices, int) else 1) * cfg.train.num_nodes
-        need = tokens or plan_budget(cfg, fpt, world).tokens + cfg.model.seq_len + 1
+        need = tokens or plan_budget(cfg, model_shape(cfg.model)[0], world_size(cfg)).tokens + cfg.model.seq_len + 1
         data = prepare(cfg, stream_tokens=need if cfg.data.streaming else None, log=typer.echo)
     except (DataError, ValueError) as e:
         fail(str(e))

@@ -132,7 +132,7 @@ class MatricesAndRest(torch.optim.Optimizer):
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
     def load_state_dict(self, state: dict) -> None:
-        states = state["optimizers"] if "optimizers" in state else [state]  # a checkpoint of one plain AdamW
+        states = state["optimizers"]
         if len(states) != len(self.optimizers):
             raise ValueError(f"checkpoint holds {len(states)} optimizer states, this run has {len(self.optimizers)}")
         for o, st in zip(self.optimizers, states):
@@ -157,6 +157,13 @@ class LitBoV(pl.LightningModule):
         self._time_timed = 0.0
         self._accum_loss: torch.Tensor | float = 0.0
         self._last_loss: torch.Tensor | None = None
+
+    def mfu(self, tokens_per_s: float | None) -> float | None:
+        """Model FLOPs utilization against the device's bf16 peak, over all ranks (None: unknown device)."""
+        if not tokens_per_s or not self.peak_flops:
+            return None
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return tokens_per_s * self.budget.flops_per_token / (self.peak_flops * world)
 
     def forward(self, ids, targets=None):
         return self.model(ids, targets=targets)
@@ -220,7 +227,7 @@ class LitBoV(pl.LightningModule):
             tps = self._tokens_timed / self._time_timed
             m[tracking.TOKENS_PER_S] = tps
             if self.peak_flops:
-                m[tracking.MFU] = tps * self.budget.flops_per_token / (self.peak_flops * self.trainer.world_size)
+                m[tracking.MFU] = self.mfu(tps)
         if torch.cuda.is_available():
             m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         m.update(self.model.value_coefficients())
@@ -371,7 +378,7 @@ def run_training(
         raise
     finally:
         steps = trainer.global_step if trainer is not None else 0
-        summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps, world)
+        summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps)
         if is_zero:
             (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
             if system is not None:
@@ -380,7 +387,7 @@ def run_training(
     return summary
 
 
-def _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps, world=1) -> dict[str, Any]:
+def _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps) -> dict[str, Any]:
     val = getattr(module, "val_metrics", None) or {}
     tokens = steps * budget.tokens_per_step
     done = replace(regime, tokens=tokens)  # as trained, which a failed or pruned run cut short
@@ -394,7 +401,7 @@ def _summary(cfg, module, budget, params, data, regime, run_id, status, error, s
         "error": error, "steps": steps, "val_bpb": val.get(tracking.VAL_BPB), "val_loss": val.get(tracking.VAL_LOSS),
         "train_loss": module.last_train_loss if module is not None else float("nan"), "flops": float(tokens) * budget.flops_per_token,
         "flops_per_token": budget.flops_per_token, "params": sum(params.values()), "params_split": params,
-        "tokens_per_s": tps, "mfu": tps * budget.flops_per_token / (module.peak_flops * world)
-        if tps and module.peak_flops else None, "unigram_bpb": data.unigram_bpb(), "param_checksum": checksum,
+        "tokens_per_s": tps, "mfu": module.mfu(tps) if module is not None else None,
+        "unigram_bpb": data.unigram_bpb(), "param_checksum": checksum,
         **done.record(), "data_repeated": done.repeated,
     }

@@ -115,6 +115,11 @@ class ModelConfig(_Section):
     rope_base: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-6, gt=0)
     logit_softcap: float | None = Field(None, gt=0)
+    # Initialisation of what the optimizer starts from. "scaled": GPT-2's residual-branch outputs (attention
+    # o_proj, MLP down) drawn with std 1/sqrt(fan_in * 2L); "zero": those start at zero, as the paper's
+    # nanochat-based code, so every block starts as the identity. unembedding_init_std None: 1/sqrt(d_model).
+    residual_init: Literal["scaled", "zero"] = "scaled"
+    unembedding_init_std: float | None = Field(None, gt=0)
     # Sliding windows as in the paper's 135M/780M ("SSSL"): the pattern repeats over
     # layers, S = short window, L = full context; the last layer is always L.
     window_pattern: str = Field("L", pattern=r"^[SL]+$")
@@ -289,6 +294,10 @@ class TrackingConfig(_Section):
     system_metrics: bool = True
 
 
+# (section, key, default) of keys added after runs were made: hashed only when set away from the default.
+_ADDED_AT_DEFAULT = (("model", "residual_init", "scaled"), ("model", "unembedding_init_std", None))
+
+
 class ExperimentConfig(_Section):
     """The single source of truth for one run."""
 
@@ -308,6 +317,9 @@ class ExperimentConfig(_Section):
         d = self.model_dump(mode="json")
         d.pop("tracking", None)
         d["data"].pop("num_proc", None)  # how fast the data is made, not what it is
+        for section, key, default in _ADDED_AT_DEFAULT:  # keys added later keep older runs' hashes at their default
+            if d[section].get(key) == default:
+                d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

@@ -394,8 +394,12 @@ class GPT(nn.Module):
 
         d, kv, hd = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads * cfg.head_dim
         self.wte.weight.copy_(torch.randn(cfg.vocab_size, d).to(dev))
-        self.lm_head.weight.copy_(uniform((cfg.vocab_size, d), d))
-        out_scale = 1.0 / math.sqrt(2 * L)  # residual-branch outputs, GPT-2 style
+        head = uniform((cfg.vocab_size, d), d)
+        if cfg.unembedding_init_std is not None:
+            head *= cfg.unembedding_init_std * math.sqrt(d)
+        self.lm_head.weight.copy_(head)
+        # residual-branch outputs: GPT-2's scaled draw, or zero (drawn anyway, so the RNG order stays the same)
+        out_scale = 1.0 / math.sqrt(2 * L) if cfg.residual_init == "scaled" else 0.0
         fresh_wv: dict[int, torch.Tensor] = {}
         for l, block in enumerate(self.blocks):
             att, mlp = block.attn, block.mlp

@@ -433,6 +433,13 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
 
     # data once, here, so that workers only read caches (the largest budget of any cell); and every
     # cell's data regime (data.max_unique_tokens against the stream) checked before any training
+    from bov.train import check_compile
+
+    for c in sweep.cells:
+        try:
+            check_compile(c.cfg)
+        except ValueError as e:
+            raise ConfigError(f"{sweep.path}: level {c.level}: {e}") from None
     shapes = cell_budgets(sweep)
     most = max(b.tokens for b, _ in shapes)
     prepared: dict[str, Any] = {}

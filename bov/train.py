@@ -31,7 +31,7 @@ from bov.config import ExperimentConfig
 from bov.data import PreparedData, TokenDataModule, prepare
 from bov.infer import checkpoint_extras
 from bov.model import build_model
-from bov.paths import runs_dir, tracking_uri
+from bov.paths import cache_dir, runs_dir, tracking_uri
 from bov.tracking import ensure_experiment, git_commit  # noqa: F401 (re-exported)
 
 
@@ -78,6 +78,18 @@ def lr_factor(step: int, total: int, cfg) -> float:
 
 
 # ----------------------------------------------------------------------------- module
+
+
+def check_compile(cfg: ExperimentConfig) -> None:
+    """train.compile off a GPU compiles C++ kernels: fail in one line, before any compute, without a compiler."""
+    import shutil
+
+    if not cfg.train.compile or torch.cuda.is_available():
+        return
+    compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if not any(shutil.which(c) for c in compilers):
+        raise ValueError(f"train.compile: compiling for the CPU needs a C++ compiler ({' / '.join(compilers)} not "
+                         "found); install one, or set train.compile=false")
 
 
 def check_loss(loss: float, step: int, vocab_size: int) -> None:
@@ -354,6 +366,9 @@ def run_training(
         )
         module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes), data.tokenizer_path.read_text(), peak)
         if cfg.train.compile:
+            # compiled kernels are cached with the run state, not in /tmp or ~ (unless the user says where)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("torchinductor")))
+            os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir("triton")))
             # A fresh dynamo cache per run: otherwise every run of a process (a sweep worker, a bench over
             # variants) adds graphs until dynamo's recompile limit turns compilation off for the rest.
             torch._dynamo.reset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -295,3 +296,21 @@ def test_own_source_scales_the_standard_value():
         ref = _reference_forward(scaled, ids, lambda l, own, v0, **_: 0.5 * own if l == targets[0] else own)
         assert maxdiff(scaled(ids), ref) < 1e-5
         assert maxdiff(scaled(ids), base(ids)) > 1e-3
+
+
+def test_zero_residual_init_zeroes_only_the_branch_outputs_and_keeps_every_other_draw():
+    scaled, _ = make("bov")
+    zero, _ = make("bov", model__residual_init="zero", model__unembedding_init_std=0.001)
+    for (name, a), (_, b) in zip(scaled.named_parameters(), zero.named_parameters()):
+        if name.endswith(("o_proj.weight", "mlp.down.weight")):
+            assert not b.any(), name
+        elif name == "lm_head.weight":
+            assert torch.allclose(b, a * 0.001 * math.sqrt(a.size(1)))  # the same draw, rescaled
+            assert b.std().item() == pytest.approx(0.001, rel=0.05)
+        else:
+            assert torch.equal(a, b), name  # same RNG order: variants stay paired at initialization
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():  # every block starts as the identity: the logits are those of the embedding alone
+        x = F.rms_norm(zero.wte(ids), (zero.cfg.d_model,), eps=zero.cfg.norm_eps)
+        want = zero.lm_head(F.rms_norm(x, (zero.cfg.d_model,), eps=zero.cfg.norm_eps))
+        assert torch.allclose(zero(ids), want, atol=1e-6)

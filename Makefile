@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# an editable install cannot place this file (setup.py does for a wheel): `lm_eval --model bov` needs it
+	cp bov-lm-eval.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	touch $(STAMP)
 
 ## Fast test suite (what CI runs).

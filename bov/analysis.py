@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from bov import tracking as T
-from bov.figures import (cacheless_layers, plot_axis, plot_coefficients, plot_curves, plot_epochs,  # noqa: F401
+from bov.figures import (cacheless_layers, plot_axis, plot_coefficients, plot_curves, plot_epochs, probe_figures,  # noqa: F401
                          plot_vcache, save, style, vcache_saving, vcache_saving_bytes)
 from bov.paths import tracking_uri as default_tracking_uri
 
@@ -351,8 +351,50 @@ def report(study: Study, out_dir: Path, tracking_uri: str | None = None, highlig
     history = load_history(study.runs, tracking_uri=tracking_uri)
     files += save(plot_curves(history, metric=metric, order=study.levels, highlight=highlight, title=study.name),
                   out_dir, "curves")
+    files += eval_tables(study, out_dir)
+    probes = load_probes(study.runs, tracking_uri)
+    if probes:
+        files += probe_figures(probes, out_dir, order=study.levels, title=study.name)
     return {"table": table, "shown": format_table(table, metric=metric, baseline=study.baseline),
-            "history": history, "files": files}
+            "history": history, "files": files, "probes": probes}
+
+
+def eval_tables(study: Study, out_dir: Path) -> list[Path]:
+    """`bov eval` results of the study's runs: a table per scored text (`eval_<text>`, bits per byte by level,
+    with the same intervals as the main table) and one of downstream task scores by level (`tasks`)."""
+    runs, files = study.runs, []
+    texts = sorted(c[len(T.EVAL_PREFIX):-len("/bpb")] for c in runs if c.startswith(T.EVAL_PREFIX) and c.endswith("/bpb"))
+    for text in texts:
+        metric = T.eval_metric(text, "bpb")
+        scored = runs[runs[metric].notna()]
+        table = compare(scored, baseline=study.baseline if study.baseline in set(scored["level"]) else None,
+                        metric=metric, order=study.levels)
+        files += write_table(table, out_dir, f"eval_{text}", metric=metric, baseline=study.baseline,
+                             caption=f"{study.name}: bits per byte on {text} (bov eval); mean ± std over seeds")
+    tasks = [c for c in runs if c.startswith(T.TASK_PREFIX)]
+    if tasks:
+        scored = runs[runs[tasks].notna().any(axis=1)]
+        means = scored.groupby("level")[tasks].agg(lambda x: f"{x.mean():.4f}" + (f" ± {x.std():.4f}" if len(x) > 1 else ""))
+        means.insert(0, "seeds", scored.groupby("level").size())
+        means = means.reindex([lv for lv in study.levels if lv in means.index] + sorted(set(means.index) - set(study.levels)))
+        means.columns = [c.removeprefix(T.TASK_PREFIX) for c in means.columns]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        scored.groupby("level")[tasks].mean().to_csv(out_dir / "tasks.csv")
+        (out_dir / "tasks.md").write_text(f"{study.name}: downstream tasks (bov eval --tasks); mean ± std over seeds\n\n"
+                                          + means.reset_index().to_markdown(index=False, disable_numparse=True) + "\n")
+        files += [out_dir / "tasks.csv", out_dir / "tasks.md"]
+    return files
+
+
+def load_probes(runs: pd.DataFrame, tracking_uri: str | None = None) -> list[dict]:
+    """The `bov probe` artifact of each run that has one, labelled with the run's level and seed."""
+    uri = tracking_uri or default_tracking_uri()
+    probes = []
+    for r in runs.to_dict("records"):
+        found = T.read_probe(uri, r["run_id"])
+        if found is not None:
+            probes.append({**found, "level": r["level"], "seed": r["seed"]})
+    return probes
 
 
 # ----------------------------------------------------------------------------- notebooks

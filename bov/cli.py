@@ -78,13 +78,15 @@ def train(
     from bov.paths import tracking_uri
     from bov.tracking import check_tracking_uri
 
+    from bov.train import Diverged, check_compile, run_training
+
     cfg = load_or_exit(preset, variant, set_)
     try:
         check_source(cfg.data)  # one line before any compute
+        check_compile(cfg)
         check_tracking_uri(tracking_uri(cfg.tracking.tracking_uri))
     except (DataError, ValueError) as e:
         fail(str(e))
-    from bov.train import Diverged, run_training
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -223,22 +225,159 @@ def generate(
                                        "the rows of tokens that occur to the device"),
 ) -> None:
     """Continue a prompt from a trained checkpoint with cached decoding."""
-    import torch
-
     from bov.infer import generate_text, load_checkpoint
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        fail(f"--device {device!r}: auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA device on this machine (use --device cpu)")
+    device = _device(device)
     try:
         loaded = load_checkpoint(checkpoint, device=device)
         text = generate_text(loaded, prompt, max_new_tokens, temperature, top_k, seed, offload_banks)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     typer.echo(prompt + text)
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        fail(f"--device {device!r}: auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device on this machine (use --device cpu)")
+    return device
+
+
+def _checkpoints(checkpoint: list[Path] | None, study: list[str] | None, uri: str) -> list[tuple[Path, str | None]]:
+    """--checkpoint files (with the run beside each) and every finished run of each --study that kept one."""
+    from bov.evaluate import run_id_of, study_checkpoints
+
+    found = []
+    for path in checkpoint or []:
+        if not path.is_file():
+            fail(f"--checkpoint: no file at {path}")
+        found.append((path, run_id_of(path)))
+    for name in study or []:
+        try:
+            got = study_checkpoints(name, uri)
+        except ValueError as e:
+            fail(f"--study {name}: {e}")
+        if not got:
+            fail(f"--study {name}: no finished run of it has a checkpoint under the runs dir")
+        found += got
+    if not found:
+        fail("give --checkpoint PATH or --study NAME")
+    return found
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", "-c", help="a .ckpt (repeatable)"),
+    study: Optional[List[str]] = typer.Option(None, "--study", help="every finished run of a study (repeatable)"),
+    data: Optional[List[str]] = typer.Option(None, "--data", "-d", help="[NAME=]SOURCE: what data.source takes "
+                                             "(files, globs, .xz/.gz, a hub id, stdlib); repeatable"),
+    stride: Optional[int] = typer.Option(None, "--stride", min=1, help="window stride in tokens (default: the "
+                                         "context, disjoint windows); each scored token sees >= context - stride"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=2, help="score only the first N tokens"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks, comma-separated (`core`: DCLM's CORE)"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="a directory of lm-eval task YAMLs"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="default: each task's own"),
+    limit: Optional[float] = typer.Option(None, "--limit", min=0, help="examples per task (or a fraction < 1)"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+    no_log: bool = typer.Option(False, "--no-log", help="do not write eval/* and task/* to the runs"),
+) -> None:
+    """Bits per byte of checkpoints on any text (sliding windows), and lm-eval downstream tasks."""
+    import json
+
+    from bov.config import DataError
+    from bov.evaluate import evaluate, parse_data_arg
+    from bov.paths import tracking_uri
+
+    if not data and not tasks:
+        fail("give --data [NAME=]SOURCE (a text to score) or --tasks NAME[,NAME]")
+    if include_path is not None and not include_path.is_dir():
+        fail(f"--include-path: no directory at {include_path}")
+    uri = tracking_uri()
+    found = _checkpoints(checkpoint, study, uri)
+    device = _device(device)
+    try:
+        texts = [parse_data_arg(d) for d in data or []]
+        names = [n for n, _ in texts]
+        if len(set(names)) < len(names):
+            fail(f"--data: two texts are named {max(names, key=names.count)!r}; name them (NAME=SOURCE)")
+        from bov.data import check_source
+        from bov.config import DataConfig
+
+        for _, source in texts:
+            check_source(DataConfig(source=source))
+        rows = evaluate(found, texts, stride, max_tokens, batch_size, device,
+                        [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+                        str(include_path) if include_path else None, num_fewshot, limit,
+                        None if no_log else uri, log=lambda m: typer.echo(m, err=True))
+    except (DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    texts_rows = [r for r in rows if "text" in r]
+    if texts_rows:
+        typer.echo(f"{'variant':<18} {'seed':>4} {'text':<16} {'tokens':>10} {'bits/byte':>9} {'loss':>7} {'unigram':>8}")
+        for r in texts_rows:
+            typer.echo(f"{r['variant']:<18} {r['seed']:>4} {r['text']:<16} {r['tokens']:>10,} {r['bpb']:>9.4f} "
+                       f"{r['loss']:>7.4f} {r['unigram_bpb']:>8.4f}")
+        typer.echo(f"(windows of {texts_rows[0]['context']} tokens, stride {texts_rows[0]['stride']}; unigram: "
+                   "fitted on the text itself)")
+    for r in (r for r in rows if "task" in r):
+        typer.echo(f"{r['variant']:<18} {r['seed']:>4} task {r['task']:<28} {r['metric']:<18} {r['value']:.4f}")
+
+
+@app.command("probe")
+def probe_cmd(
+    checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", "-c", help="a .ckpt (repeatable)"),
+    study: Optional[List[str]] = typer.Option(None, "--study", help="every finished run of a study (repeatable)"),
+    data: str = typer.Option(..., "--data", "-d", help="[NAME=]SOURCE: the text to probe on"),
+    max_tokens: int = typer.Option(65536, "--max-tokens", min=2, help="tokens read from the text"),
+    windows: int = typer.Option(64, "--windows", min=1, help="context windows probed, at most"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write probe JSONs and figures here (default: "
+                                       "<runs>/probe/<text>)"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present), cpu or cuda"),
+    no_log: bool = typer.Option(False, "--no-log", help="do not attach probe.json to the runs"),
+) -> None:
+    """Per-layer mechanisms: attention entropy and first-token mass, representation and value similarity,
+    value norms, learned coefficients, bank-row drift; one figure per probe, a line per variant."""
+    import json
+
+    from bov.config import DataConfig, DataError
+    from bov.data import check_source
+    from bov.evaluate import parse_data_arg
+    from bov.figures import probe_figures
+    from bov.paths import runs_dir, tracking_uri
+    from bov.probe import probe_checkpoints
+
+    uri = tracking_uri()
+    try:
+        name, source = parse_data_arg(data)
+        check_source(DataConfig(source=source))
+    except DataError as e:
+        fail(str(e))
+    found = _checkpoints(checkpoint, study, uri)
+    device = _device(device)
+    try:
+        results = probe_checkpoints(found, source, name, max_tokens, windows, device=device,
+                                    uri=None if no_log else uri, log=lambda m: typer.echo(m, err=True))
+    except (DataError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    labels = [r["variant"] for r in results]
+    for r in results:  # two checkpoints of one variant and seed: tell them apart by their run directory
+        if sum(1 for x in results if (x["variant"], x["seed"]) == (r["variant"], r["seed"])) > 1 and labels.count(r["variant"]) > 1:
+            r["level"] = f"{r['variant']} ({Path(r['checkpoint']).parent.name})"
+    out = out or runs_dir() / "probe" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probes.json").write_text(json.dumps(results, indent=1))
+    files = probe_figures(results, out, title=f"probed on {name}")
+    typer.echo(f"written: {out}/ (probes.json, {len(files) // 2} figures)")
 
 
 def _seeds(text: str | None) -> list[int] | None:

@@ -200,3 +200,72 @@ def plot_vcache(preset: str = "135m", variant: str = "bov", vocabs: Sequence[int
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- mechanisms (bov probe)
+
+PROBE_LABELS = {"attention_entropy": "attention entropy (nats)", "first_token_mass": "attention on the first token",
+                "residual_cosine": "pairwise cosine, residual stream", "value_cosine": "pairwise cosine, values",
+                "value_norm": "value norm", "coeff_b": "coefficient b (alternative value)",
+                "coeff_a": "coefficient a (own value)"}
+
+
+def probe_frame(probes: Sequence[dict]) -> pd.DataFrame:
+    """bov.probe outputs (each with `level` and `seed`) -> one row per (level, seed, probe, layer)."""
+    rows = []
+    for p in probes:
+        for name, values in p["per_layer"].items():
+            rows += [{"level": p.get("level", p.get("variant")), "seed": p.get("seed"), "probe": name, "layer": l,
+                      "value": v} for l, v in enumerate(values) if v is not None]
+    return pd.DataFrame(rows, columns=["level", "seed", "probe", "layer", "value"])
+
+
+def plot_probe(frame: pd.DataFrame, probe: str, order: Sequence[str] | None = None, title: str = ""):
+    """One probe against depth, a line per level (band: ± one std over seeds) - ResFormer's concentration plot."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    d = frame[frame["probe"] == probe]
+    order = [lv for lv in (order or sorted(d["level"].unique())) if lv in set(d["level"])]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=d, x="layer", y="value", hue="level", hue_order=order, errorbar="sd", marker="o", ax=ax)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(PROBE_LABELS.get(probe, probe))
+    ax.legend(title=None, fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_bank_drift(probes: Sequence[dict], title: str = ""):
+    """Cosine of each bank row with the row it started from, by token frequency in the probed text."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    rows = [{"level": p.get("level", p.get("variant")), "seed": p.get("seed"), "layer": f"layer {layer}",
+             "bucket": bucket, "cosine": cell["cosine"]}
+            for p in probes for layer, buckets in p.get("bank_drift", {}).items() for bucket, cell in buckets.items()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if rows:
+        d = pd.DataFrame(rows)
+        d["series"] = d["level"] + ", " + d["layer"]
+        sns.lineplot(data=d, x="bucket", y="cosine", hue="series", errorbar="sd", marker="o", ax=ax, sort=False)
+        ax.legend(title=None, fontsize=7)
+    ax.set_xlabel("occurrences of the token in the probed text")
+    ax.set_ylabel("cos(bank row, its starting row)")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def probe_figures(probes: Sequence[dict], out_dir: Path, order: Sequence[str] | None = None, title: str = "") -> list[Path]:
+    """`probe_<name>.png/pdf` for every per-layer probe and `probe_bank_drift` when any run has banks."""
+    frame = probe_frame(probes)
+    files: list[Path] = []
+    for name in [n for n in PROBE_LABELS if n in set(frame["probe"])]:
+        files += save(plot_probe(frame, name, order, title), out_dir, f"probe_{name}")
+    if any(p.get("bank_drift") for p in probes):
+        files += save(plot_bank_drift(probes, title), out_dir, "probe_bank_drift")
+    return files

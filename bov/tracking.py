@@ -23,6 +23,16 @@ from bov.paths import runs_dir
 VAL_BPB, VAL_LOSS, TRAIN_LOSS = "val/bpb", "val/loss", "train/loss"
 TOKENS_PER_S, MFU = "throughput/tokens_per_s", "throughput/mfu"
 SUMMARY_KEYS = {VAL_BPB: "val_bpb", VAL_LOSS: "val_loss", TRAIN_LOSS: "train_loss"}
+EVAL_PREFIX, TASK_PREFIX = "eval/", "task/"  # bov eval: eval/<text>/<bpb|loss|tokens>, task/<task>/<metric>
+PROBE_ARTIFACT = "probe.json"  # bov probe: per-layer mechanism measurements, one file per run
+
+
+def eval_metric(text: str, quantity: str) -> str:
+    return f"{EVAL_PREFIX}{text}/{quantity}"
+
+
+def task_metric(task: str, metric: str) -> str:
+    return f"{TASK_PREFIX}{task}/{metric}"
 
 # tags of every training run
 TAG_VARIANT, TAG_PRESET, TAG_SEED = "variant", "preset", "seed"
@@ -202,3 +212,27 @@ def read_study_definition(run) -> dict[str, Any]:
         spec = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{SWEEP_ARTIFACT}"))
         out.update(baseline_level=spec.get("baseline_level"), definition=spec.get("study"))
     return out
+
+
+def log_probe(uri: str, run_id: str, result: dict[str, Any]) -> None:
+    """`bov probe`'s measurements as the run's PROBE_ARTIFACT (replacing an earlier one)."""
+    import mlflow
+
+    mlflow.MlflowClient(uri).log_dict(run_id, result, PROBE_ARTIFACT)
+
+
+def read_probe(uri: str, run_id: str) -> dict[str, Any] | None:
+    """The run's probe artifact, or None when `bov probe` has not been run on it."""
+    import mlflow
+
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{PROBE_ARTIFACT}") if _has_artifact(uri, run_id) else None
+    except Exception:
+        return None
+
+
+def _has_artifact(uri: str, run_id: str) -> bool:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return any(f.path == PROBE_ARTIFACT for f in mlflow.MlflowClient(uri).list_artifacts(run_id))

@@ -220,3 +220,31 @@ def test_study_definition_is_stored_as_data_and_read_back(tmp_path, monkeypatch)
     stored = tracking.read_study_definition(client.get_run(parent))
     assert stored["seeds"] == [0, 3] and stored["levels"] == sweep.levels and isinstance(stored["budget"], dict)
     assert client.get_run(parent).data.params["n_levels"] == str(len(sweep.levels))
+
+
+def test_report_adds_eval_tables_task_scores_and_probe_figures(store, tmp_path):
+    from bov import tracking as T
+
+    client = mlflow.MlflowClient(store)
+    study = A.load_study("demo-micro", store)
+    for r in study.runs.to_dict("records"):  # what bov eval and bov probe attach to a run
+        if r["level"] in ("base", "paired"):
+            client.log_metric(r["run_id"], T.eval_metric("wiki", "bpb"), 2.0 + 0.1 * r["seed"] + (r["level"] == "paired") * 0.2)
+            client.log_metric(r["run_id"], T.task_metric("core", "centered"), 0.1 * r["seed"])
+            T.log_probe(store, r["run_id"], {"per_layer": {"attention_entropy": [1.0, 2.0 + r["seed"]],
+                                                           "coeff_b": [None, 1.5]},
+                                             "bank_drift": {"1": {"0": {"rows": 3, "cosine": 0.9}}}})
+    study = A.load_study("demo-micro", store)
+    out = tmp_path / "report"
+    files = A.report(study, out, tracking_uri=store)["files"]
+    rows = md_rows((out / "eval_wiki.md").read_text())
+    assert rows["base"][:2] == ["3", "2.1000 ± 0.1000"] and rows["paired"][:3] == ["3", "2.3000 ± 0.1000", "+0.2000 [+0.2000, +0.2000]"]
+    tasks = md_rows((out / "tasks.md").read_text())
+    assert tasks["base"][:2] == ["3", "0.1000 ± 0.1000"] and "core/centered" in tasks["level"]
+    for name in ("attention_entropy", "coeff_b", "bank_drift"):
+        assert out / f"probe_{name}.png" in files and (out / f"probe_{name}.png").stat().st_size > 1000
+    from bov.figures import probe_frame
+
+    frame = probe_frame(A.load_probes(study.runs, store))
+    base = frame[(frame["level"] == "base") & (frame["probe"] == "attention_entropy") & (frame["layer"] == 1)]
+    assert sorted(base["value"]) == [2.0, 3.0, 4.0]

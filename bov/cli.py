@@ -404,7 +404,7 @@ def sweep(
     steps: Optional[int] = typer.Option(None, "--steps", help="reference steps of the compute-matched budget"),
     heartbeat: int = typer.Option(30, "--heartbeat", help="seconds between trial heartbeats; a worker silent for "
                                   "3x this is presumed dead and its cell is run again"),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="run again cells that failed (e.g. diverged)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="run again cells that failed on their own (diverged, an error), from scratch, each at most 3 times in all"),
     set_: Optional[List[str]] = SET,
 ) -> None:
     """Run (or continue) an Optuna study over one axis; every trial is an MLflow child run."""
@@ -436,6 +436,11 @@ def sweep(
                f"table: {result.files[0]}")
     if result.interrupted:
         raise typer.Exit(130)
+    if result.failed:
+        lv, sd, why = result.failed[0]
+        fail(f"{len(result.failed)} of {len(sw.cells)} cells failed ({lv} seed {sd}: {why}"
+             f"{'; ...' if len(result.failed) > 1 else ''}); all reasons in {result.files[0]}; "
+             "--retry-failed runs them again", code=1)
     if not result.complete:
         fail("the study is not complete (see failed trials above); re-run to continue", code=1)
 

@@ -29,12 +29,36 @@ from bov.study import (SWEEPS_DIR, Cell, SearchParam, Sweep, cell_budgets, list_
                        load_sweep)
 
 FINAL_FAILURE, ERROR_ATTR = "bov.final_failure", "bov.error"  # trial attributes: failed on its own, and why
+MAX_ATTEMPTS = 3  # --retry-failed runs a failed cell again until it has failed on its own this many times
 
 
 def _cell_of(t) -> tuple[str, int] | None:
     # fixed_params first: a running trial's params are written one by one while it starts
     p = t.system_attrs.get("fixed_params") or t.params
     return (p["level"], p["seed"]) if "level" in p and "seed" in p else None
+
+
+def failed_cells(study) -> list[tuple[str, int, str]]:
+    """(level, seed, reason) of the cells whose last trial failed on its own (diverged, an error in training)
+    and that no later trial completed."""
+    from optuna.trial import TrialState
+
+    last: dict[tuple[str, int], Any] = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        cell = _cell_of(t)
+        if cell is not None and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            last[cell] = t
+    return [(lv, seed, t.user_attrs.get(ERROR_ATTR, "failed").splitlines()[0][:300])
+            for (lv, seed), t in sorted(last.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
+            if t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE)]
+
+
+def resumable(trials, number: int, level: str, seed: int) -> bool:
+    """Trial `number` may resume the cell's checkpoint: the cell's latest earlier trial was killed or
+    interrupted. After a failure of its own (divergence, an unreadable checkpoint, an error in training) a
+    retry starts from scratch, so a bad checkpoint is never read twice."""
+    earlier = [t for t in trials if _cell_of(t) == (level, seed) and t.number < number]
+    return bool(earlier) and not max(earlier, key=lambda t: t.number).user_attrs.get(FINAL_FAILURE)
 
 
 def cell_states(study, retry_failed: bool = False) -> dict[tuple[str, int], str]:
@@ -47,7 +71,12 @@ def cell_states(study, retry_failed: bool = False) -> dict[tuple[str, int], str]
 
     states: dict[tuple[str, int], str] = {}
     rank = {"done": 4, "running": 3, "waiting": 2, "failed": 1}
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    failures: dict[tuple[str, int], int] = {}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE) and _cell_of(t) is not None:
+            failures[_cell_of(t)] = failures.get(_cell_of(t), 0) + 1
+    for t in trials:
         cell = _cell_of(t)
         if cell is None:
             continue
@@ -57,7 +86,8 @@ def cell_states(study, retry_failed: bool = False) -> dict[tuple[str, int], str]
             s = "running"
         elif t.state == TrialState.WAITING:
             s = "waiting"
-        elif t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE) and not retry_failed:
+        elif t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE) and (
+                not retry_failed or failures[cell] >= MAX_ATTEMPTS):  # retried a bounded number of times
             s = "failed"
         else:
             continue
@@ -327,10 +357,7 @@ class Objective:
 
     @staticmethod
     def _was_tried(trial, level: str, seed: int) -> bool:
-        """An earlier trial ran this cell and did not fail on its own (killed or interrupted)."""
-        study_trials = trial.study.get_trials(deepcopy=False)
-        return any(_cell_of(t) == (level, seed) and t.number != trial.number and not t.user_attrs.get(FINAL_FAILURE)
-                   for t in study_trials)
+        return resumable(trial.study.get_trials(deepcopy=False), trial.number, level, seed)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -406,6 +433,7 @@ class SweepResult:
     parent_run_id: str
     complete: bool
     interrupted: bool
+    failed: list[tuple[str, int, str]]  # (level, seed, reason) of cells that failed on their own
     table: Any  # pandas DataFrame (see summarize)
     trials: dict[str, int]
     files: list[Path]
@@ -500,14 +528,18 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
 
     study = _study(sweep, st)
     complete = kind.complete(study)
-    status = "KILLED" if interrupted else ("FINISHED" if complete else "FAILED")
-    mlflow.MlflowClient(uri).set_terminated(parent, status=status)
+    failed = failed_cells(study)
+    status = "KILLED" if interrupted else ("FINISHED" if complete and not failed else "FAILED")
+    client = mlflow.MlflowClient(uri)
+    if failed:  # the parent run says which cells failed and why
+        client.set_tag(parent, tracking.TAG_FAILED_CELLS, "; ".join(f"{lv} seed {sd}: {why}" for lv, sd, why in failed)[:4900])
+    client.set_terminated(parent, status=status)
     table = summarize(study, sweep)
-    files = write_summary(table, sweep)
+    files = write_summary(table, sweep, failed)
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    return SweepResult(sweep.name, url, uri, parent, complete, interrupted, table, counts, files)
+    return SweepResult(sweep.name, url, uri, parent, complete, interrupted, failed, table, counts, files)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -525,10 +557,11 @@ def format_summary(table, sweep: Sweep) -> str:
     return sampling(sweep).format(table)
 
 
-def write_summary(table, sweep: Sweep) -> list[Path]:
+def write_summary(table, sweep: Sweep, failed: list[tuple[str, int, str]] = ()) -> list[Path]:
     out = runs_dir() / "sweeps" / sweep.name
     out.mkdir(parents=True, exist_ok=True)
     md, csv = out / "summary.md", out / "summary.csv"
-    md.write_text(f"# {sweep.name}\n\n{format_summary(table, sweep)}\n")
+    why = "".join(f"- {lv}, seed {sd}: {reason}\n" for lv, sd, reason in failed)
+    md.write_text(f"# {sweep.name}\n\n{format_summary(table, sweep)}\n" + (f"\n## Failed cells\n\n{why}" if failed else ""))
     table.to_csv(csv, index=False)
     return [md, csv]

@@ -41,6 +41,7 @@ TAG_ERROR, TAG_RESUMED_AFTER_ERROR = "error", "resumed_after_error"
 # tags of sweep trials and of a sweep's parent run
 TAG_STUDY, TAG_TRIAL, TAG_AXIS, TAG_LEVEL, TAG_CELL_SEED = "bov.study", "bov.trial", "bov.axis", "bov.level", "bov.seed"
 TAG_SWEEP_FILE, TAG_ROLE, TAG_PRUNED_AT = "bov.sweep_file", "bov.role", "bov.pruned_at_step"
+TAG_FAILED_CELLS = "bov.failed_cells"  # on a sweep's parent run: "level seed N: reason; ..."
 ROLE_SWEEP = "sweep"
 STUDY_ARTIFACT, SWEEP_ARTIFACT = "study.json", "sweep.yaml"
 

@@ -267,13 +267,18 @@ def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
             "train.grad_clip": None, "tracking.log_every": 1}
     path = write_sweep(tmp_path, axis="lr", levels={"ok": {}, "huge": blow}, baseline_level="ok", seeds=[0])
     out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 1, out.stderr[-2000:]  # a sweep with a failed cell does not end as a success
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 2 cells failed (huge seed 0: ") and "--retry-failed" in last
     trials = {t.params["level"]: t for t in study_of(runs, "mini-micro").get_trials()}
     assert trials["ok"].state.name == "COMPLETE"
     assert trials["huge"].state.name == "FAIL" and "train loss is nan" in trials["huge"].user_attrs["bov.error"]
     run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(trials["huge"].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "nan" in run.data.tags["error"]
+    parent = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED" and parent.data.tags["bov.failed_cells"].startswith("huge seed 0: ")
     assert re.search(r"\| huge\s+\| 0\s+\| 1\s+\|", out.stdout)  # the table counts the failure
+    assert "## Failed cells\n\n- huge, seed 0: " in (runs / "sweeps" / "mini-micro" / "summary.md").read_text()
     assert any((SHARED_CACHE / "tokens").iterdir()) and not (runs / "cache").exists()  # BOV_CACHE_DIR moved it
     again = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
     assert "[trial" not in again.stdout  # a diverged cell is final unless --retry-failed
@@ -402,3 +407,29 @@ def test_postgres_storage_two_workers_run_each_cell_once(tmp_path, postgres):
     with ClaimLock(postgres.replace("postgresql://", "postgresql+psycopg://"), "x") as lock:
         assert lock._conn is not None  # an advisory lock on the server, not a file
     assert len(child_runs(runs, "mini-micro")) == 2
+
+
+def test_retry_failed_is_bounded_and_starts_a_failed_cell_from_scratch():
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from bov.sweep import FINAL_FAILURE, MAX_ATTEMPTS, cell_states, resumable
+
+    study = optuna.create_study()
+
+    def add(state, final=False, cell=("a", 0)):
+        study.add_trial(create_trial(state=state, system_attrs={"fixed_params": {"level": cell[0], "seed": cell[1]}},
+                                     user_attrs={FINAL_FAILURE: True} if final else {}, value=1.0 if state == TrialState.COMPLETE else None))
+        return study.get_trials()[-1].number
+
+    add(TrialState.FAIL)  # killed: not final
+    assert resumable(study.get_trials(), 99, "a", 0)  # a killed cell resumes its checkpoint
+    add(TrialState.FAIL, final=True)  # then failed on its own (say, its checkpoint was unreadable)
+    assert not resumable(study.get_trials(), 99, "a", 0)  # a retry starts from scratch
+    assert cell_states(study) == {("a", 0): "failed"}
+    assert ("a", 0) not in cell_states(study, retry_failed=True)  # --retry-failed: to be run again
+    for _ in range(MAX_ATTEMPTS - 1):
+        add(TrialState.FAIL, final=True)
+    assert cell_states(study, retry_failed=True) == {("a", 0): "failed"}  # bounded: never loops
+    add(TrialState.COMPLETE, cell=("b", 0))
+    assert cell_states(study, retry_failed=True)[("b", 0)] == "done"

@@ -73,17 +73,17 @@ def train(
     """Train one variant to its budget, tracked in MLflow."""
     import json
 
-    from bov.data import DataError, check_source
-
+    from bov.data import DataError, check_source, check_vocab
     from bov.paths import tracking_uri
     from bov.tracking import check_tracking_uri
-
-    from bov.train import Diverged, check_compile, run_training
+    from bov.train import Diverged, check_compile, check_trainer, run_training
 
     cfg = load_or_exit(preset, variant, set_)
     try:
         check_source(cfg.data)  # one line before any compute
+        check_vocab(cfg)
         check_compile(cfg)
+        check_trainer(cfg)
         check_tracking_uri(tracking_uri(cfg.tracking.tracking_uri))
     except (DataError, ValueError) as e:
         fail(str(e))
@@ -93,7 +93,9 @@ def train(
     log = (lambda msg: typer.echo(msg, err=True)) if json_out else typer.echo
     try:
         summary = run_training(cfg, resume=resume, log=log)
-    except (Diverged, DataError, FileNotFoundError, ValueError) as e:
+    except DataError as e:  # what the data files hold, found as they are read (before any training)
+        fail(str(e))
+    except (Diverged, FileNotFoundError, ValueError) as e:
         fail(str(e), code=1)
     except (KeyboardInterrupt, SystemExit, SIGTERMException) as e:  # Lightning stopped gracefully; the run is KILLED
         how = "SIGTERM" if isinstance(e, SIGTERMException) else "interrupted"
@@ -501,8 +503,15 @@ def sweeps() -> None:
         typer.echo(f"{name:<22} {first}")
 
 
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+def main() -> None:
+    """The `bov` command: the app, with run-state directories that cannot be used reported in one line."""
+    from bov.paths import StateDirError
+
+    try:
+        app()
+    except StateDirError as e:  # raised wherever a command first touches the runs dir
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

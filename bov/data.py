@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -83,6 +84,16 @@ def describe_source(source: str) -> dict:
     return {"source": source}
 
 
+BYTE_LEVEL_MIN_VOCAB = 257  # 256 byte tokens + BOS
+
+
+def check_vocab(cfg: ExperimentConfig) -> None:
+    """A trained byte-level BPE has at least 257 ids: a smaller model.vocab_size would index past its table."""
+    if cfg.data.tokenizer is None and cfg.model.vocab_size < BYTE_LEVEL_MIN_VOCAB:
+        raise DataError(f"model.vocab_size {cfg.model.vocab_size}: a byte-level BPE needs at least "
+                        f"{BYTE_LEVEL_MIN_VOCAB} ids (256 bytes + BOS)")
+
+
 def check_source(cfg: DataConfig) -> None:
     """Fail in one line, before any compute, when a source cannot be read."""
     for key, src in (("data.source", cfg.source), ("data.val_source", cfg.val_source)):
@@ -90,9 +101,12 @@ def check_source(cfg: DataConfig) -> None:
             continue
         if is_local(src):
             try:
-                _local_files(src)
+                files = _local_files(src)
             except DataError:
                 raise DataError(f"{key}: no file matches {src!r}") from None
+            for f in files:  # an .xz ends with its stream footer: a cut copy is caught without reading it
+                if f.suffix == ".xz" and f.stat().st_size and _tail(f, 2) != b"YZ":
+                    raise DataError(f"{key}: {f} is truncated (no .xz end-of-stream footer)")
             continue
         if hub_offline():
             continue  # the usual cluster setup: datasets reads its own cache and asks no server
@@ -106,12 +120,67 @@ def check_source(cfg: DataConfig) -> None:
                             "HF_HUB_OFFLINE=1 to read a dataset already in the datasets cache") from None
 
 
+def _tail(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-min(n, path.stat().st_size), os.SEEK_END)
+        return f.read()
+
+
 def hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def load_documents(source: str, cfg: DataConfig):
-    """A `datasets` Dataset (or IterableDataset when streaming) with one `text` column."""
+def _cause(e: BaseException) -> str:
+    """The innermost reason of a `datasets` error, in one short line."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _first_bad_json_line(files: list[str]) -> tuple[str, str] | None:
+    """(file, "line N: why") of the first line that is not one JSON object, or None (say, all are)."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+    for f in files:
+        n = 1
+        try:
+            with opener.get(Path(f).suffix, open)(f, "rt", encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip() and not isinstance(json.loads(line), dict):
+                        return f, f"line {n}: not a JSON object"
+        except (ValueError, EOFError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f, f"line {n}: {type(e).__name__}: {str(e)[:160]}"
+    return None
+
+
+def _check_text_column(ds, source: str, key: str, field: str) -> None:
+    import datasets
+
+    if isinstance(ds, datasets.Dataset) and len(ds) == 0:
+        raise DataError(f"{key}: {source!r} holds no records")
+    if field not in (ds.column_names or [field]):
+        raise DataError(f"data.text_field: {source!r} has no column {field!r} (columns: {', '.join(ds.column_names)})")
+    if isinstance(ds, datasets.Dataset):  # Arrow knows the column's type and nulls without reading a row
+        import pyarrow.compute as pc
+
+        col = ds.data.column(field)
+        if not (col.type.equals("string") or col.type.equals("large_string") or col.null_count == len(col)):
+            raise DataError(f"{key}: {source!r}: field {field!r} holds {col.type}, not text")
+        if col.null_count:
+            first = pc.index(pc.is_null(col), True).as_py()
+            raise DataError(f"{key}: {source!r}: record {first + 1} has no {field!r} (null)")
+
+
+def load_documents(source: str, cfg: DataConfig, key: str = "data.source"):
+    """A `datasets` Dataset (or IterableDataset when streaming) with one `text` column.
+
+    A file that is not what its name says (binary, not UTF-8, invalid JSON lines, truncated compression),
+    holds no records, or whose text field is missing, null or not text fails here in one line naming the
+    key and the file (and the record)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -122,9 +191,22 @@ def load_documents(source: str, cfg: DataConfig):
         files = [str(p) for p in _local_files(source)]
         kind = _kind(Path(files[0]))
         kwargs = {"sample_by": "document" if cfg.doc_split == "file" else "paragraph"} if kind == "text" else {}
-        # its Arrow cache under BOV_CACHE_DIR, not ~/.cache/huggingface: run state stays where it is told
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming,
-                                   cache_dir=str(cache_dir("datasets")), **kwargs)
+        logger = datasets.utils.logging.get_logger("datasets")
+        level = logger.level
+        logger.setLevel(100)  # its own report of a bad file is several lines; ours is one
+        try:  # its Arrow cache under BOV_CACHE_DIR, not ~/.cache/huggingface: run state stays where it is told
+            ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming,
+                                       cache_dir=str(cache_dir("datasets")), **kwargs)
+        except Exception as e:
+            if all(Path(f).stat().st_size == 0 for f in files):
+                raise DataError(f"{key}: {source!r} holds no records") from None
+            what = {"json": "JSON lines", "parquet": "Parquet", "text": "UTF-8 text"}[kind]
+            name, why = (files[0] if len(files) == 1 else f"{source!r} ({len(files)} files)"), _cause(e)
+            if kind == "json":
+                name, why = _first_bad_json_line(files) or (name, why)
+            raise DataError(f"{key}: {name} is not readable as {what} ({why})") from None
+        finally:
+            logger.setLevel(level)
     else:
         try:
             ds = datasets.load_dataset(source, cfg.hub_config, split="train", streaming=cfg.streaming)
@@ -134,8 +216,13 @@ def load_documents(source: str, cfg: DataConfig):
                             "instead (a path or glob of .jsonl/.parquet/.txt)") from None
     plain_text = source == "stdlib" or (is_local(source) and _kind(Path(source)) == "text")
     field = "text" if plain_text else cfg.text_field  # jsonl, parquet and hub rows name their text field
-    if field not in (ds.column_names or [field]):
-        raise DataError(f"data.text_field: {source!r} has no column {field!r} (columns: {', '.join(ds.column_names)})")
+    try:
+        _check_text_column(ds, source, key, field)
+    except DataError:
+        if isinstance(ds, datasets.Dataset) and source != "stdlib":  # no cache entry of a file we refuse
+            for d in {Path(c["filename"]).parent for c in ds.cache_files}:
+                shutil.rmtree(d, ignore_errors=True)
+        raise
     if field != "text":
         ds = ds.rename_column(field, "text")
     keep = ["text"]
@@ -210,7 +297,10 @@ def get_tokenizer(cfg: ExperimentConfig, train_texts: Callable[[], Iterator[str]
         path = path / "tokenizer.json" if path.is_dir() else path
         if not path.is_file():
             raise DataError(f"data.tokenizer: file not found: {path}")
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise DataError(f"data.tokenizer: {path} is not a tokenizers JSON file ({_cause(e)})") from None
         if tok.get_vocab_size() > vocab:
             raise DataError(f"data.tokenizer: {path} has {tok.get_vocab_size()} tokens > model.vocab_size {vocab}")
         return tok, path
@@ -352,6 +442,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
     on what was cached before), and only a longer budget packs again.
     """
     d = cfg.data
+    check_vocab(cfg)
     check_source(d)
     split_key = {"val_fraction": d.val_fraction, "val_source": d.val_source, "doc_split": d.doc_split,
                  "text_field": d.text_field, "max_docs": d.max_docs, "hub_config": d.hub_config}
@@ -370,7 +461,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
                 split["val"] = docs.filter(lambda t: doc_bucket(t) < cut, input_columns="text")
                 split["train"] = docs.filter(lambda t: doc_bucket(t) >= cut, input_columns="text")
             else:
-                split["train"], split["val"] = docs, load_documents(d.val_source, d)
+                split["train"], split["val"] = docs, load_documents(d.val_source, d, key="data.val_source")
         return split
 
     tok, tok_path = get_tokenizer(cfg, lambda: (r["text"] for r in split_docs()["train"]), corpus_fp)

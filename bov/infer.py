@@ -256,7 +256,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"--checkpoint: {path} is not a readable checkpoint ({type(e).__name__})") from None
-    extras = ckpt.get("bov") if isinstance(ckpt, dict) else None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"--checkpoint: {path} holds no model weights (no state_dict); not a checkpoint of bov train")
+    extras = ckpt.get("bov")
     if extras is None or extras.get("tokenizer") is None:
         raise ValueError(f"--checkpoint: {path} holds no bov config and tokenizer (written by an older bov); "
                          "train it again")
@@ -277,7 +279,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if dtype is not None:
         model.to(dtype)
     model.eval()
-    tok = Tokenizer.from_str(extras["tokenizer"])
+    try:
+        tok = Tokenizer.from_str(extras["tokenizer"])
+    except Exception as e:
+        raise ValueError(f"--checkpoint: {path} holds an unreadable tokenizer ({type(e).__name__})") from None
     bos = tok.token_to_id(BOS)
     return Loaded(model, cfg, tok, bos if bos is not None else 0)
 

@@ -92,6 +92,23 @@ def check_compile(cfg: ExperimentConfig) -> None:
                          "found); install one, or set train.compile=false")
 
 
+def check_trainer(cfg: ExperimentConfig) -> None:
+    """train.strategy, devices, num_nodes and precision as Lightning reads them, before any data or compute."""
+    import logging
+
+    quiet = logging.getLogger("lightning.pytorch")
+    level, quiet.level = quiet.level, logging.WARNING  # no "GPU available" lines for a dry construction
+    try:
+        pl.Trainer(accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=cfg.train.devices,
+                   num_nodes=cfg.train.num_nodes, strategy=cfg.train.strategy, precision=_precision(cfg),
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as e:
+        raise ValueError(f"train.strategy {cfg.train.strategy!r} / train.devices {cfg.train.devices!r}: "
+                         f"{str(e).strip().splitlines()[0][:240]}") from None
+    finally:
+        quiet.level = level
+
+
 def check_loss(loss: float, step: int, vocab_size: int) -> None:
     """Diverged when the loss is NaN or infinite, or has exploded: above 4 x ln |V|, four times what guessing
     uniformly over the vocabulary costs, which no training run passes through on its way down."""

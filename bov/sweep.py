@@ -13,6 +13,7 @@ State: the Optuna storage (bov.storage), MLflow (bov.tracking), per-cell checkpo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -319,6 +320,10 @@ class Objective:
         for k, v in (("axis", spec.axis), ("level", level), ("seed", seed), ("host", socket.gethostname()),
                      ("pid", os.getpid()), ("run_dir", str(run_dir))):
             trial.set_user_attr(k, v)
+        keep = json.loads((run_dir / "run.json").read_text())["run_id"] if resume else None
+        cell = {tracking.TAG_STUDY: sweep.name, tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed)}
+        if tracking.retire_orphan_runs(tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment, cell, keep):
+            self.log(f"[trial {trial.number}] removed a run of this cell that a killed worker left RUNNING")
         # Only now let other workers claim: the trial is RUNNING with its params, heartbeat and pid stored.
         self.lock.release()
         pruning = self.kind.pruning(trial)

@@ -237,3 +237,23 @@ def _has_artifact(uri: str, run_id: str) -> bool:
 
     mlflow.set_tracking_uri(uri)
     return any(f.path == PROBE_ARTIFACT for f in mlflow.MlflowClient(uri).list_artifacts(run_id))
+
+
+def retire_orphan_runs(uri: str, experiment: str, cell_tags: dict[str, str], keep: str | None = None) -> int:
+    """Delete the RUNNING runs of one sweep cell (its study, level and seed tags) other than `keep`: runs of a
+    worker killed between creating its run and recording it (or before its first checkpoint), which nothing
+    will ever end. Called by the one worker that holds the cell, so no live run is touched; a cell keeps one run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in cell_tags.items()) + " and attributes.status = 'RUNNING'"
+    gone = 0
+    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=1000):
+        if run.info.run_id != keep:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            client.delete_run(run.info.run_id)
+            gone += 1
+    return gone

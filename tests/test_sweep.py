@@ -433,3 +433,24 @@ def test_retry_failed_is_bounded_and_starts_a_failed_cell_from_scratch():
     assert cell_states(study, retry_failed=True) == {("a", 0): "failed"}  # bounded: never loops
     add(TrialState.COMPLETE, cell=("b", 0))
     assert cell_states(study, retry_failed=True)[("b", 0)] == "done"
+
+
+def test_a_run_left_running_by_a_killed_worker_is_removed_and_the_cell_keeps_one_run(tmp_path, monkeypatch):
+    """A worker killed between creating a cell's MLflow run and recording it leaves a RUNNING run nothing
+    will end; the next worker to take the cell removes it, so the cell ends with exactly one run."""
+    from bov.tracking import ensure_experiment
+
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, levels=["none"], seeds=[0], budget={"steps": 4, "match": "flops"})
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    env = env_with(runs)
+    monkeypatch.setenv("BOV_RUNS_DIR", str(runs))
+    exp = ensure_experiment("mini-micro", uri)  # as the first worker had made it
+    client = mlflow.MlflowClient(uri)
+    orphan = client.create_run(exp, tags={"bov.study": "mini-micro", "bov.level": "none", "bov.seed": "0"}).info.run_id
+    out = subprocess.run([*BOV, "sweep", str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "left RUNNING" in out.stdout
+    cell = child_runs(runs, "mini-micro")
+    assert [r.info.status for r in cell] == ["FINISHED"] and cell[0].info.run_id != orphan
+    assert client.get_run(orphan).info.lifecycle_stage == "deleted"

@@ -281,6 +281,20 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int):
     return tok
 
 
+def remove_orphan_tmp(directory: Path) -> None:
+    """Delete `*.tmp<pid>` files whose writer is gone (killed mid-write); a live writer's file stays."""
+    for tmp in directory.glob("*.tmp*"):
+        pid = tmp.suffix.removeprefix(".tmp")
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -304,6 +318,7 @@ def get_tokenizer(cfg: ExperimentConfig, train_texts: Callable[[], Iterator[str]
         if tok.get_vocab_size() > vocab:
             raise DataError(f"data.tokenizer: {path} has {tok.get_vocab_size()} tokens > model.vocab_size {vocab}")
         return tok, path
+    remove_orphan_tmp(cache_dir("tokenizers"))
     path = cache_dir("tokenizers") / f"bpe-{fingerprint}-{vocab}.json"
     if path.is_file():
         try:
@@ -473,6 +488,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = cache_dir("tokens") / fingerprint
     root.mkdir(parents=True, exist_ok=True)
+    remove_orphan_tmp(root)
     # A stream has no end: pack what the run will read (train) and twice the validation budget.
     limits = {"train": stream_tokens, "val": 2 * cfg.train.val_tokens} if d.streaming else {"train": None, "val": None}
     token_bytes = token_byte_lengths(tok)

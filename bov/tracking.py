@@ -67,16 +67,37 @@ def check_tracking_uri(uri: str) -> None:
                          f"({type(e).__name__}); start it, or unset the variable to use the embedded store") from None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """One process at a time creates an embedded SQLite store (MLflow migrates a fresh database on first use,
+    and two processes migrating at once fail with "Online migration expected to match one row")."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_experiment(name: str, uri: str) -> str:
-    """The experiment's id, creating it; with the embedded store, artifacts go under the runs dir too."""
+    """The experiment's id, creating it (and the store); with the embedded store, artifacts go under the runs
+    dir too."""
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    local = uri.startswith("sqlite:")  # a server (MLFLOW_TRACKING_URI) keeps its own artifact store
-    return client.create_experiment(name, artifact_location=(runs_dir() / "artifacts").as_uri() if local else None)
+    with _store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        local = uri.startswith("sqlite:")  # a server (MLFLOW_TRACKING_URI) keeps its own artifact store
+        return client.create_experiment(name, artifact_location=(runs_dir() / "artifacts").as_uri() if local else None)
 
 
 def git_commit() -> str:
@@ -106,8 +127,8 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data_finge
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)  # first: it creates the store, one at a time
     client = mlflow.MlflowClient(uri)
-    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
     if resume and state_path.is_file():
         run_id = json.loads(state_path.read_text())["run_id"]
         client.update_run(run_id, status="RUNNING")

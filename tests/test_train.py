@@ -220,3 +220,28 @@ def test_bad_override_values_and_devices_are_one_line(tmp_path):
                        env=env_with(tmp_path / "r"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--device 'tpu'" in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_two_trainings_started_at_once_on_a_fresh_runs_dir_both_finish(tmp_path):
+    """Both create the embedded MLflow store at the same moment; its migration is serialized, not raced."""
+    env = {**os.environ, "BOV_RUNS_DIR": str(tmp_path / "runs"), "BOV_PROGRESS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "bov.cli", "train", "-p", "micro", "-s", "train.max_steps=2", "-s", "train.val_every=2"]
+    procs = [subprocess.Popen([*cmd, "-s", f"train.seed={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    assert all(o[0].startswith("FINISHED") or "FINISHED:" in o[0] for o in outs)
+
+
+def test_orphan_temp_files_of_dead_writers_are_removed_and_live_ones_kept(runs):
+    from bov.data import prepare
+
+    cfg = load_config("micro", "baseline")
+    data = prepare(cfg, log=lambda m: None)
+    root = data.train.path.parent
+    dead, live = root / "train.tmp999999999", root / f"val.tmp{os.getpid()}"
+    dead.write_bytes(b"half a stream")
+    live.write_bytes(b"being written")
+    prepare(cfg, log=lambda m: None)
+    assert not dead.exists() and live.exists()

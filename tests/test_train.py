@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -245,3 +247,40 @@ def test_orphan_temp_files_of_dead_writers_are_removed_and_live_ones_kept(runs):
     live.write_bytes(b"being written")
     prepare(cfg, log=lambda m: None)
     assert not dead.exists() and live.exists()
+
+
+SLOW_SAVE = """
+import sys, time, torch
+from bov.train import AtomicCheckpointIO
+
+class Slow:  # pickled mid-save: the process is killed while the checkpoint file is half written
+    def __reduce__(self):
+        time.sleep(60)
+        return (Slow, ())
+
+AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000), "slow": Slow()}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this machine")
+def test_sigkill_during_a_checkpoint_save_on_another_filesystem_keeps_the_previous_one(tmp_path):
+    import torch
+
+    from bov.train import AtomicCheckpointIO
+
+    run_dir = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="bov-test-"))  # tmpfs: not the temp dir's filesystem
+    try:
+        path = run_dir / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+        good = path.read_bytes()
+        child = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(path)])
+        deadline = time.time() + 120
+        while not list(run_dir.glob(".last.ckpt.tmp*")) and time.time() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        assert list(run_dir.glob(".last.ckpt.tmp*")), "the save never started"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        assert path.read_bytes() == good  # the previous checkpoint, whole
+        assert torch.load(path, weights_only=True)["step"] == 1
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -27,6 +27,7 @@ from conftest import sigint_default
 BOV = [sys.executable, "-m", "bov.cli"]
 
 
+HANG = 1800  # seconds: a guard against a hung child, never a performance budget
 SHARED_CACHE = Path(tempfile.mkdtemp(prefix="bov-test-cache-"))  # one tokenizer/token cache for these sweeps
 
 
@@ -183,11 +184,15 @@ def test_summary_table_numbers():
 # ----------------------------------------------------------------------------- execution
 
 
-def _wait_for(predicate, timeout=120.0, what="condition"):
+def _wait_for(predicate, child, what="condition"):
+    """Wait for the child to reach a state: fail on what the child did (it exited first), not on how long a
+    busy machine takes; HANG only guards against a child that hangs."""
     t0 = time.time()
     while not predicate():
-        if time.time() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
+        if child.poll() is not None:
+            raise AssertionError(f"the child exited (rc {child.returncode}) before {what}")
+        if time.time() - t0 > HANG:
+            raise AssertionError(f"no {what} after {HANG} s: the child hangs")
         time.sleep(0.05)
 
 
@@ -200,7 +205,7 @@ def test_sigkill_mid_trial_then_rerun_completes_each_cell_once(tmp_path):
     proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        _wait_for(victim.is_file, timeout=300, what="a checkpoint of the second cell")
+        _wait_for(victim.is_file, proc, what="a checkpoint of the second cell")
         time.sleep(0.3)  # between checkpoints (every 25 steps): mid-trial
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -209,7 +214,7 @@ def test_sigkill_mid_trial_then_rerun_completes_each_cell_once(tmp_path):
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "RUNNING"]  # the dead worker's trial
 
     # A long heartbeat on the re-run: the dead local worker is recognized by its pid, not by waiting.
-    out = subprocess.run([*cmd[:-1], "600"], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*cmd[:-1], "600"], env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(resuming)" in out.stdout  # the killed cell continued from its checkpoint
     trials = assert_each_cell_once(runs, "mini-micro", {("none", 0), ("none", 1), ("last_third", 0), ("last_third", 1)})
@@ -222,7 +227,7 @@ def test_sigkill_mid_trial_then_rerun_completes_each_cell_once(tmp_path):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert re.search(r"\| last_third\s+\| 2\s+\|", out.stdout) and "Δ vs none (95% CI)" in out.stdout
 
-    again = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 0 and "[trial" not in again.stdout  # a finished study runs nothing
     assert len(study_of(runs, "mini-micro").get_trials()) == 5
 
@@ -252,7 +257,7 @@ def test_two_workers_share_a_grid_without_running_a_cell_twice(tmp_path):
     runs = tmp_path / "runs"
     path = write_sweep(tmp_path, levels=["none", "last_third", "all"], seeds=[0, 1])
     out = subprocess.run([*BOV, "sweep", str(path), "--workers", "2", "--heartbeat", "2"], env=env_with(runs),
-                         capture_output=True, text=True, timeout=400)
+                         capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[worker 0]" in out.stdout and "[worker 1]" in out.stdout
     cells = {(lv, s) for lv in ("none", "last_third", "all") for s in (0, 1)}
@@ -266,7 +271,7 @@ def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
     blow = {"train.lr_matrix": 1e30, "train.lr_embedding": 1e30, "train.lr_unembedding": 1e30,
             "train.grad_clip": None, "tracking.log_every": 1}
     path = write_sweep(tmp_path, axis="lr", levels={"ok": {}, "huge": blow}, baseline_level="ok", seeds=[0])
-    out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 1, out.stderr[-2000:]  # a sweep with a failed cell does not end as a success
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 1 of 2 cells failed (huge seed 0: ") and "--retry-failed" in last
@@ -280,7 +285,7 @@ def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
     assert re.search(r"\| huge\s+\| 0\s+\| 1\s+\|", out.stdout)  # the table counts the failure
     assert "## Failed cells\n\n- huge, seed 0: " in (runs / "sweeps" / "mini-micro" / "summary.md").read_text()
     assert any((SHARED_CACHE / "tokens").iterdir()) and not (runs / "cache").exists()  # BOV_CACHE_DIR moved it
-    again = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert "[trial" not in again.stdout  # a diverged cell is final unless --retry-failed
 
 
@@ -290,14 +295,14 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     cmd = [*BOV, "sweep", str(path), "--heartbeat", "1"]
     proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=sigint_default)
-    _wait_for((runs / "sweeps" / "mini-micro" / "none-seed0" / "last.ckpt").is_file, timeout=300, what="a checkpoint")
+    _wait_for((runs / "sweeps" / "mini-micro" / "none-seed0" / "last.ckpt").is_file, proc, what="a checkpoint")
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG)
     assert proc.returncode == 130, out[-2000:]
     assert "interrupted" in out
     runs_now = all_runs(runs, "mini-micro")
     assert sorted(r.info.status for r in runs_now) == ["KILLED", "KILLED"]  # the trial's run and the parent
-    rerun = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "(resuming)" in rerun.stdout
     assert_each_cell_once(runs, "mini-micro", {("none", 0), ("last_third", 0)})
@@ -325,7 +330,7 @@ def test_tpe_study_runs_its_trials(tmp_path):
     path = write_sweep(tmp_path, name="hp", axis="hparams", sampler="tpe", n_trials=3, levels=[], baseline_level=None,
                        seeds=[0], space={"train.lr_bank": {"low": 1e-3, "high": 1e-1, "log": True}},
                        pruner={"n_startup_trials": 1, "n_warmup_steps": 5})
-    out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     trials = study_of(runs, "hp-micro").get_trials()
     assert len(trials) == 3 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
@@ -396,7 +401,7 @@ def test_postgres_storage_two_workers_run_each_cell_once(tmp_path, postgres):
     runs = tmp_path / "runs"
     path = write_sweep(tmp_path, seeds=[0])
     out = subprocess.run([*BOV, "sweep", str(path), "--workers", "2", "--storage", postgres, "--heartbeat", "2"],
-                         env=env_with(runs), capture_output=True, text=True, timeout=400)
+                         env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     study = optuna.load_study(study_name="mini-micro", storage=postgres.replace("postgresql://", "postgresql+psycopg://"))
     trials = study.get_trials()
@@ -448,7 +453,7 @@ def test_a_run_left_running_by_a_killed_worker_is_removed_and_the_cell_keeps_one
     exp = ensure_experiment("mini-micro", uri)  # as the first worker had made it
     client = mlflow.MlflowClient(uri)
     orphan = client.create_run(exp, tags={"bov.study": "mini-micro", "bov.level": "none", "bov.seed": "0"}).info.run_id
-    out = subprocess.run([*BOV, "sweep", str(path)], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*BOV, "sweep", str(path)], env=env, capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "left RUNNING" in out.stdout
     cell = child_runs(runs, "mini-micro")

@@ -63,8 +63,8 @@ def parse_data_arg(arg: str) -> tuple[str, str]:
     """`NAME=SOURCE` or `SOURCE` -> (name, source)."""
     if "=" in arg and not arg.startswith(("/", ".", "~")):
         name, source = arg.split("=", 1)
-        if not TEXT_NAME.match(name):
-            raise DataError(f"--data {arg!r}: a text name holds letters, digits, _ . - only")
+        if not TEXT_NAME.match(name) or name.startswith("."):  # it names a metric and a folder
+            raise DataError(f"--data {arg!r}: a text name holds letters, digits, _ . - only, and starts with no '.'")
         return name, source
     return text_name(arg), arg
 

@@ -151,6 +151,9 @@ def load_sweep(
     if scale is None or scale == spec.base.preset:
         steps = steps or spec.budget.steps
     sweep = Sweep(study or f"{spec.study}-{preset}", spec, path, preset, overrides=parse_flat(overrides))
+    if "/" in sweep.name or "\\" in sweep.name or sweep.name.startswith("."):  # the study gets a folder
+        key = "--study" if study else f"{path}: study"
+        raise ConfigError(f"{key} {sweep.name!r}: a study name cannot contain '/' or start with '.'")
     levels = _levels(spec, path)
     if bad := [lv for lv in levels if "/" in lv or lv.startswith(".")]:  # each level gets a folder
         raise ConfigError(f"{path}: level {bad[0]!r}: a level name cannot contain '/' or start with '.'")

@@ -190,7 +190,7 @@ def test_adapter_loglikelihoods_equal_the_models_own_summed_log_probabilities(tr
             lp = F.log_softmax(logits[len(ids) - 1 - n :].double(), -1)
             want = lp.gather(-1, torch.tensor(ids[-n:])[:, None]).sum().item()
             assert got == want  # one request per pass: the same computation, bit for bit
-            assert got4 == pytest.approx(want, abs=1e-6)  # batched with padding: equal up to float reassociation
+            assert got4 == pytest.approx(want, rel=1e-6)  # batched with padding: equal up to float reassociation
             assert greedy == bool((lp.argmax(-1) == torch.tensor(ids[-n:])).all())
     # a continuation longer than the context: disjoint windows over the request, the last n predictions summed
     long_text = stdlib_files()[-2].read_text()[:2000]

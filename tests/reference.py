@@ -46,4 +46,6 @@ def reference_forward(model, ids, v_rule):
         x = x + y @ att.o_proj.weight.T
         m = rms(x)
         x = x + (F.relu(m @ blk.mlp.up.weight.T) ** 2) @ blk.mlp.down.weight.T
-    return rms(x) @ model.lm_head.weight.T
+    logits = rms(x) @ model.lm_head.weight.T
+    c = model.cfg.logit_softcap
+    return logits if c is None else c * torch.tanh(logits / c)

@@ -201,6 +201,7 @@ DDP_SCRIPT = textwrap.dedent('''
     if __name__ == "__main__":
         over = dict(a.split("=", 1) for a in sys.argv[1:])
         cfg = load_config("micro", "bov", {"train.max_steps": 3, "train.val_every": 3, "tracking.system_metrics": False,
+                                           "train.optimizer": "adamw",  # accumulation, not the optimizer, is tested
                                            **{k: int(v) if v.isdigit() else v for k, v in over.items()}})
         run_training(cfg, log=lambda m: None, callbacks=[CountAllReduces()])
 ''')

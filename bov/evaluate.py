@@ -76,15 +76,15 @@ def load_text(source: str, name: str, tokenizer, bos_id: int, token_bytes: np.nd
 
     cfg = DataConfig(source=source, text_field=text_field, max_docs=max_docs, streaming=False)
     check_source(cfg)
-    try:
-        ds = load_documents(source, cfg)
+    try:  # a file that is not what its name says fails in load_documents, naming it (and its line or record)
+        ds = load_documents(source, cfg, key="--data")
     except DataError:
         raise
-    except Exception as e:  # unreadable, not UTF-8, malformed JSON: datasets raises many kinds
+    except Exception as e:  # a hub dataset that cannot be read
         raise DataError(f"--data {source}: cannot be read as text ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     pieces, n, docs = [], 0, 0
     for start in range(0, len(ds), 1000):
-        texts = [t for t in ds[start : start + 1000]["text"] if isinstance(t, str)]  # empty: BOS alone, as packed
+        texts = ds[start : start + 1000]["text"]  # an empty document is a BOS alone, as training packs it
         for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
             pieces.append(np.asarray([bos_id, *enc.ids], dtype=np.int64))
             n += len(enc.ids) + 1

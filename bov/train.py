@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -409,13 +410,19 @@ def run_training(
             str(e) if isinstance(e, Diverged) else f"{type(e).__name__}: {e}")
         raise
     finally:
-        steps = trainer.global_step if trainer is not None else 0
-        summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps)
-        if is_zero:
-            (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
-            if system is not None:
-                mlflow.end_run(status=status)
-            tracking.end_run(uri, run_id, status, error, summary)
+        pending = sys.exc_info()[1]  # what ended the run, if anything did: recording the end must not mask it
+        try:
+            steps = trainer.global_step if trainer is not None else 0
+            summary = _summary(cfg, module, budget, params, data, regime, run_id, status, error, steps)
+            if is_zero:
+                (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+                if system is not None:
+                    mlflow.end_run(status=status)
+                tracking.end_run(uri, run_id, status, error, summary)
+        except Exception as e:
+            if pending is None:
+                raise
+            log(f"note: the run's end ({status}) could not be fully recorded: {type(e).__name__}: {e}")
     return summary
 
 

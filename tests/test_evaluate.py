@@ -254,6 +254,7 @@ def _next_line_task(root: Path, n: int = 100) -> Path:
     return tasks
 
 
+@pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run
 def test_a_trained_model_beats_chance_on_a_local_task_through_bov_eval_and_lm_eval(in_runs):
     import mlflow
 

@@ -440,6 +440,7 @@ def test_retry_failed_is_bounded_and_starts_a_failed_cell_from_scratch():
     assert cell_states(study, retry_failed=True)[("b", 0)] == "done"
 
 
+@pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run
 def test_a_run_left_running_by_a_killed_worker_is_removed_and_the_cell_keeps_one_run(tmp_path, monkeypatch):
     """A worker killed between creating a cell's MLflow run and recording it leaves a RUNNING run nothing
     will end; the next worker to take the cell removes it, so the cell ends with exactly one run."""

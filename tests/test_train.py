@@ -162,7 +162,7 @@ def test_ctrl_c_ends_run_killed(tmp_path, signum, code, error):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == code
+    assert proc.returncode == code, stderr[-3000:]
     assert "the run ended KILLED; the same command with --resume continues it" in stderr.strip().splitlines()[-1]
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("bov").experiment_id])
@@ -224,6 +224,7 @@ def test_bad_override_values_and_devices_are_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run
 def test_two_trainings_started_at_once_on_a_fresh_runs_dir_both_finish(tmp_path):
     """Both create the embedded MLflow store at the same moment; its migration is serialized, not raced."""
     env = {**os.environ, "BOV_RUNS_DIR": str(tmp_path / "runs"), "BOV_PROGRESS": "0"}

@@ -42,11 +42,11 @@ test-slow: $(STAMP)
 describe: $(STAMP)
 	$(VENV)/bin/bov describe --preset $(PRESET) --variant $(VARIANT)
 
-## Train one variant on the embedded corpus (tiny: about 6 minutes on 2 CPU cores).
+## Train one variant on the embedded corpus (tiny: about 6-8 minutes on 2 CPU cores, measured with the old AdamW recipe).
 train: $(STAMP)
 	$(VENV)/bin/bov train --preset $(PRESET) --variant $(VARIANT)
 
-## The main job: an Optuna study over one axis (default bank_layers: 15 min on 2 CPU cores, measured).
+## The main job: an Optuna study over one axis (default bank_layers: 15 min on 2 CPU cores, measured with the old AdamW recipe).
 ## Re-running continues it; AXIS= picks another study under sweeps/ (`make sweeps` lists them).
 sweep: $(STAMP)
 	$(VENV)/bin/bov sweep $(AXIS) $(SWEEP_ARGS)

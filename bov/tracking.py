@@ -245,19 +245,15 @@ def log_probe(uri: str, run_id: str, result: dict[str, Any]) -> None:
 
 def read_probe(uri: str, run_id: str) -> dict[str, Any] | None:
     """The run's probe artifact, or None when `bov probe` has not been run on it."""
+    import tempfile
+
     import mlflow
 
-    try:
-        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{PROBE_ARTIFACT}") if _has_artifact(uri, run_id) else None
-    except Exception:
+    client = mlflow.MlflowClient(uri)  # this store, without touching the process-wide tracking URI
+    if not any(f.path == PROBE_ARTIFACT for f in client.list_artifacts(run_id)):
         return None
-
-
-def _has_artifact(uri: str, run_id: str) -> bool:
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    return any(f.path == PROBE_ARTIFACT for f in mlflow.MlflowClient(uri).list_artifacts(run_id))
+    with tempfile.TemporaryDirectory() as d:
+        return json.loads(Path(client.download_artifacts(run_id, PROBE_ARTIFACT, d)).read_text())
 
 
 def retire_orphan_runs(uri: str, experiment: str, cell_tags: dict[str, str], keep: str | None = None) -> int:

@@ -249,7 +249,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     max_flops: float | None = Field(None, gt=0)
-    optimizer: Literal["adamw", "muon"] = "adamw"
+    optimizer: Literal["adamw", "muon", "normuon"] = "adamw"  # bov.optim says what each is
     lr_matrix: float = Field(3e-3, gt=0)
     lr_embedding: float = Field(3e-3, gt=0)
     lr_unembedding: float = Field(3e-3, gt=0)

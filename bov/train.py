@@ -32,6 +32,7 @@ from bov.config import ExperimentConfig
 from bov.data import PreparedData, TokenDataModule, prepare
 from bov.infer import checkpoint_extras
 from bov.model import build_model
+from bov.optim import build_optimizer
 from bov.paths import cache_dir, runs_dir, tracking_uri
 from bov.tracking import ensure_experiment, git_commit  # noqa: F401 (re-exported)
 
@@ -139,37 +140,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
-class MatricesAndRest(torch.optim.Optimizer):
-    """Muon for the matrices and AdamW for the rest, as one optimizer: one step, one LR schedule, one
-    gradient clip, so Lightning's automatic optimization (accumulation, clipping, DDP's skipped all-reduce
-    on non-final micro-batches) drives both. `param_groups` are the inner optimizers' own group dicts."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
-
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for o in self.optimizers:
-            o.step()
-        return loss
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        states = state["optimizers"]
-        if len(states) != len(self.optimizers):
-            raise ValueError(f"checkpoint holds {len(states)} optimizer states, this run has {len(self.optimizers)}")
-        for o, st in zip(self.optimizers, states):
-            o.load_state_dict(st)
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-
-
 class LitBoV(pl.LightningModule):
     """Any variant. The step is nanoGPT's loop body; Lightning accumulates, clips, steps and schedules."""
 
@@ -204,20 +174,7 @@ class LitBoV(pl.LightningModule):
     # -- optimizers
     def configure_optimizers(self):
         t = self.cfg.train
-        groups = self.model.param_groups()
-        lr = {"matrix": t.lr_matrix, "embedding": t.lr_embedding, "unembedding": t.lr_unembedding,
-              "bank": t.lr_bank, "scalar": t.lr_scalar}
-        wd = {"matrix": t.weight_decay, "embedding": 0.0, "unembedding": 0.0, "bank": t.bank_weight_decay, "scalar": 0.0}
-        adam_groups = [{"params": ps, "lr": lr[k], "weight_decay": wd[k], "name": k}
-                       for k, ps in groups.items() if ps and not (k == "matrix" and t.optimizer == "muon")]
-        opt = torch.optim.AdamW(adam_groups, betas=t.betas, eps=1e-10, fused=torch.cuda.is_available())
-        if t.optimizer == "muon":
-            # Keller Jordan's scaling, lr * sqrt(max(1, rows / cols)), as the paper's nanochat code: its lr 0.02 is
-            # meant that way (Moonshot's "match_rms_adamw" would multiply it by 0.2 * sqrt(max(rows, cols)), ~11x at 135m)
-            muon = torch.optim.Muon(groups["matrix"], lr=t.lr_matrix, weight_decay=t.weight_decay,
-                                    adjust_lr_fn="original")
-            muon.param_groups[0]["name"] = "matrix"
-            opt = MatricesAndRest([muon, opt])
+        opt = build_optimizer(self.model.param_groups(), t, self.budget.steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.budget.steps, t))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -65,7 +65,7 @@ BAD = [
     ({"model.n_kv_heads": 3}, "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
     ({"train.max_tokens": 100}, "exactly one of train.max_steps, train.max_tokens, train.max_flops"),
     ({"train.max_steps": None}, "exactly one of train.max_steps"),
-    ({"train.optimizer": "sgd"}, "train.optimizer: Input should be 'adamw' or 'muon'"),
+    ({"train.optimizer": "sgd"}, "train.optimizer: Input should be 'adamw', 'muon' or 'normuon'"),
 ]
 
 

@@ -397,6 +397,7 @@ def postgres(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # the two-worker grid is in the default run on SQLite (test_two_workers_share_a_grid...)
 def test_postgres_storage_two_workers_run_each_cell_once(tmp_path, postgres):
     runs = tmp_path / "runs"
     path = write_sweep(tmp_path, seeds=[0])

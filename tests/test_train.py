@@ -125,13 +125,15 @@ def test_cli_bad_input_one_line(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # nothing started
 
 
-def test_muon_recipe_trains(runs):
-    cfg = load_config("micro", "bov", {"train.max_steps": 10, "train.optimizer": "muon", "train.lr_matrix": 0.02,
+@pytest.mark.parametrize("optimizer", ["muon", "normuon"])
+def test_muon_recipe_trains(runs, optimizer):
+    cfg = load_config("micro", "bov", {"train.max_steps": 10, "train.optimizer": optimizer, "train.lr_matrix": 0.02,
                                        "train.grad_accum": 2})
     s = run_training(cfg, log=lambda m: None)
     assert s["status"] == "FINISHED" and s["steps"] == 10 and s["tokens"] == 10 * 2 * 4 * 64
 
 
+@pytest.mark.slow  # DDP agreement is also checked, rank by rank, by test_scale's accumulation test
 def test_ddp_two_processes_agree(tmp_path):
     runs = tmp_path / "ddp"
     r = subprocess.run(BOV + ["train", "-p", "micro", "-v", "bov", "--set", "train.max_steps=6", "--set", "train.devices=2",

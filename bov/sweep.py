@@ -456,6 +456,21 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
 
     if workers < 1:
         raise ConfigError(f"workers must be >= 1 (got {workers})")
+    # what Lightning and the compiler will refuse, before any store, data or compute
+    from bov.train import check_compile, check_trainer
+
+    trainers_checked: set[tuple] = set()
+    for c in sweep.cells:
+        t = c.cfg.train
+        trainer = (str(t.devices), t.strategy, t.num_nodes, t.precision)
+        try:
+            check_compile(c.cfg)
+            if trainer not in trainers_checked:  # Lightning's own reading of them, once per distinct setting
+                check_trainer(c.cfg)
+                trainers_checked.add(trainer)
+        except ValueError as e:
+            raise ConfigError(f"{sweep.path}: level {c.level}: {e}") from None
+
     url = normalize_storage(storage or default_storage())
     uri = tracking_uri(sweep.cells[0].cfg.tracking.tracking_uri)
     if url.startswith("sqlite:///"):
@@ -466,13 +481,6 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
 
     # data once, here, so that workers only read caches (the largest budget of any cell); and every
     # cell's data regime (data.max_unique_tokens against the stream) checked before any training
-    from bov.train import check_compile
-
-    for c in sweep.cells:
-        try:
-            check_compile(c.cfg)
-        except ValueError as e:
-            raise ConfigError(f"{sweep.path}: level {c.level}: {e}") from None
     shapes = cell_budgets(sweep)
     most = max(b.tokens for b, _ in shapes)
     prepared: dict[str, Any] = {}

@@ -168,6 +168,7 @@ CASES = [
     ("sweep: --workers 0", lambda f: ["sweep", "bank_layers", "--workers", "0"], {}, "workers"),
     ("sweep: --scale unknown", lambda f: ["sweep", "bank_layers", "--scale", "huge"], {}, "huge"),
     ("sweep: bad override", lambda f: ["sweep", "bank_layers", "-s", "model.nope=1"], {}, "model.nope"),
+    ("sweep: strategy", lambda f: ["sweep", "bank_layers", "-s", "train.strategy=bogus"], {}, "train.strategy 'bogus'"),
     ("sweep: study name leaves the runs dir", lambda f: ["sweep", "bank_layers", "--study", "../../escape"], {},
      "--study '../../escape'"),
     ("probe: text name leaves the runs dir", lambda f: ["probe", "-c", str(f["junk.ckpt"]), "-d", "a/../b=stdlib"], {},

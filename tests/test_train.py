@@ -287,3 +287,38 @@ def test_sigkill_during_a_checkpoint_save_on_another_filesystem_keeps_the_previo
         assert torch.load(path, weights_only=True)["step"] == 1
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.slow  # ~30 s of tokenizing on 2 cores: in `make test-slow`
+def test_sigkill_while_the_data_is_built_loses_nothing_and_the_rerun_finishes(tmp_path):
+    """A kill in mid-tokenization (the packed stream half written) leaves no run and no cache entry that a later
+    run trusts; the same command then builds the data and trains."""
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w") as f:
+        for i in range(6000):
+            f.write(json.dumps({"text": f"document {i}: " + " ".join(f"w{(i * 7 + j) % 997}" for j in range(150))}) + "\n")
+    runs = tmp_path / "runs"
+    args = BOV + ["train", "-p", "micro", "-s", f"data.source={corpus}", "-s", "train.max_steps=4", "-s",
+                  "train.val_every=4", "-s", "data.num_proc=2", "-s", "data.max_docs=null", "--json"]
+    proc = subprocess.Popen(args, env=env_with(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own group: datasets' map workers die with it
+    try:
+        while not list(runs.glob("cache/tokens/*/train.tmp*")):  # the train stream is being written
+            assert proc.poll() is None, "the data was built before the kill"
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not list(runs.glob("cache/tokens/*/train.json"))  # nothing vouches for the half-written stream
+    db = runs / "mlflow.db"
+    if db.exists():  # data comes before the run: a kill here opens none
+        client = mlflow.MlflowClient(f"sqlite:///{db}")
+        assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())
+
+    out = subprocess.run(args, env=env_with(runs), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["status"] == "FINISHED" and s["steps"] == 4
+    assert not list(runs.glob("cache/tokens/*/*.tmp*"))  # the dead writer's file was removed
+    meta = json.loads(next(runs.glob("cache/tokens/*/train.json")).read_text())
+    assert meta["complete"] and meta["n_docs"] > 5000

@@ -26,10 +26,10 @@ MOMENTUM_WARMUP_STEPS = 400  # nanochat's; a run shorter than this never reaches
 
 
 def polar_express(g: torch.Tensor) -> torch.Tensor:
-    """An approximate U V^T of g = U S V^T (singular values pushed into about [0.7, 1.2]). bf16 on a GPU, as
-    nanochat; fp32 elsewhere (a CPU's bf16 matmuls are slower, not faster)."""
-    x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm() * 1.01 + 1e-6)
+    """An approximate U V^T of each matrix g = U S V^T (its last two dims; singular values pushed into about
+    [0.7, 1.2]), in bf16 as nanochat and torch's Muon (also on CPU: 2.5x faster than fp32 on an AVX512-BF16 EPYC)."""
+    x = g.bfloat16()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     tall = x.size(-2) > x.size(-1)
     for a, b, c in POLAR_EXPRESS:
         if tall:
@@ -75,30 +75,35 @@ class NorMuon(torch.optim.Optimizer):
             t = group["step"]
             momentum = normuon_momentum(t, group["total_steps"], group["decay_start"])
             wd = group["weight_decay"] * 0.5 * (1 + math.cos(math.pi * min(1.0, t / max(1, group["total_steps"]))))
+            shapes: dict[torch.Size, list[torch.nn.Parameter]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                rows, cols = p.shape[-2], p.shape[-1]
+                if p.grad is not None:
+                    shapes.setdefault(p.shape, []).append(p)
+            for (rows, cols), ps in shapes.items():  # same-shape matrices in one batched step
                 red_dim = -1 if rows >= cols else -2  # normalise per row (tall) or per column (wide)
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                    state["second_moment"] = torch.zeros((rows, 1) if red_dim == -1 else (1, cols),
-                                                         dtype=torch.float32, device=p.device)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                u = polar_express(p.grad.lerp(buf, momentum)).float()
+                for p in ps:
+                    if not self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                        self.state[p]["second_moment"] = torch.zeros((rows, 1) if red_dim == -1 else (1, cols),
+                                                                     dtype=torch.float32, device=p.device)
+                grads = [p.grad for p in ps]
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
+                torch._foreach_lerp_(bufs, grads, 1 - momentum)
+                u = polar_express(torch.stack(grads).lerp_(torch.stack(bufs), momentum)).float()
                 v_mean = u.square().mean(dim=red_dim, keepdim=True)
                 n = u.size(red_dim)
-                state["second_moment"].lerp_(v_mean, 1 - group["beta2"])
-                scale = state["second_moment"].clamp_min(1e-10).rsqrt()
+                second = torch.stack([self.state[p]["second_moment"] for p in ps]).lerp_(v_mean, 1 - group["beta2"])
+                torch._foreach_copy_([self.state[p]["second_moment"] for p in ps], list(second.unbind(0)))
+                scale = second.clamp_min(1e-10).rsqrt()
                 # rescale so that the normalised update keeps the orthogonalized update's Frobenius norm
-                norm_before = (v_mean.sum() * n).sqrt()
-                norm_after = ((v_mean * n) * scale.square()).sum().sqrt()
-                u = (u * scale * (norm_before / norm_after.clamp_min(1e-10))).to(p.dtype)
+                norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+                norm_after = ((v_mean * n) * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+                u = u * scale * (norm_before / norm_after.clamp_min(1e-10))
                 lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-                agree = (u * p) >= 0
-                p.sub_(lr * u + lr * wd * p * agree)
+                w = torch.stack(ps)
+                agree = (u * w) >= 0
+                w.sub_(lr * u + lr * wd * w * agree)
+                torch._foreach_copy_(ps, list(w.to(ps[0].dtype).unbind(0)))
             group["step"] = t + 1
         return loss
 

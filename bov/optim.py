@@ -53,8 +53,9 @@ def normuon_momentum(step: int, total: int, decay_start: float) -> float:
 
 
 class NorMuon(torch.optim.Optimizer):
-    """nanochat's Muon step, one matrix at a time: Nesterov momentum, Polar Express, NorMuon variance reduction
-    (a second moment per row of a tall matrix, per column of a wide one, rescaled to keep the update's norm),
+    """nanochat's Muon step, same-shape matrices stepped together as one batch: Nesterov momentum, Polar
+    Express, NorMuon variance reduction (a second moment per row of a tall matrix, per column of a wide one,
+    rescaled to keep the update's norm),
     and cautious weight decay (only where the update and the weight agree in sign), with the LR scaled by
     sqrt(max(1, rows / cols)). Its momentum and weight decay follow the step count (`normuon_momentum`; weight
     decay on a cosine to zero), kept in the group so that a resumed run continues the same schedule.
@@ -103,7 +104,7 @@ class NorMuon(torch.optim.Optimizer):
                 w = torch.stack(ps)
                 agree = (u * w) >= 0
                 w.sub_(lr * u + lr * wd * w * agree)
-                torch._foreach_copy_(ps, list(w.to(ps[0].dtype).unbind(0)))
+                torch._foreach_copy_(ps, list(w.unbind(0)))
             group["step"] = t + 1
         return loss
 

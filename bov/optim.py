@@ -55,9 +55,8 @@ def normuon_momentum(step: int, total: int, decay_start: float) -> float:
 class NorMuon(torch.optim.Optimizer):
     """nanochat's Muon step, same-shape matrices stepped together as one batch: Nesterov momentum, Polar
     Express, NorMuon variance reduction (a second moment per row of a tall matrix, per column of a wide one,
-    rescaled to keep the update's norm),
-    and cautious weight decay (only where the update and the weight agree in sign), with the LR scaled by
-    sqrt(max(1, rows / cols)). Its momentum and weight decay follow the step count (`normuon_momentum`; weight
+    rescaled to keep the update's norm) and cautious weight decay (only where the update and the weight agree
+    in sign), with the LR scaled by sqrt(max(1, rows / cols)). Its momentum and weight decay follow the step count (`normuon_momentum`; weight
     decay on a cosine to zero), kept in the group so that a resumed run continues the same schedule.
     Written here because torch.optim.Muon has neither the second moment nor the cautious, scheduled decay."""
 
@@ -93,8 +92,9 @@ class NorMuon(torch.optim.Optimizer):
                 u = polar_express(torch.stack(grads).lerp_(torch.stack(bufs), momentum)).float()
                 v_mean = u.square().mean(dim=red_dim, keepdim=True)
                 n = u.size(red_dim)
-                second = torch.stack([self.state[p]["second_moment"] for p in ps]).lerp_(v_mean, 1 - group["beta2"])
-                torch._foreach_copy_([self.state[p]["second_moment"] for p in ps], list(second.unbind(0)))
+                seconds = [self.state[p]["second_moment"] for p in ps]
+                second = torch.stack(seconds).lerp_(v_mean, 1 - group["beta2"])
+                torch._foreach_copy_(seconds, list(second.unbind(0)))
                 scale = second.clamp_min(1e-10).rsqrt()
                 # rescale so that the normalised update keeps the orthogonalized update's Frobenius norm
                 norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()

@@ -139,7 +139,7 @@ def prepare_cmd(
 def bench_train_cmd(
     preset: str = PRESET,
     variants: str = typer.Option(",".join(VARIANT_ORDER), help="comma-separated"),
-    steps: int = typer.Option(30, help="optimizer steps per variant"),
+    steps: int = typer.Option(30, min=1, help="optimizer steps per variant"),
     set_: Optional[List[str]] = SET,
 ) -> None:
     """Training tokens/s (and MFU on GPU) per variant; writes results/bench/train_<preset>_<cpu|gpu>.{json,md}."""
@@ -504,14 +504,31 @@ def sweeps() -> None:
 
 
 def main() -> None:
-    """The `bov` command: the app, with run-state directories that cannot be used reported in one line."""
+    """The `bov` command: the app, with a mistyped command line and run-state directories that cannot be used
+    reported in one line, as every other bad input."""
     from bov.paths import StateDirError
 
+    def is_a(e: BaseException, name: str) -> bool:  # click's classes, whether typer vendors click or not
+        return any(c.__name__ == name for c in type(e).__mro__)
+
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors reach us instead of click's boxed report
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        code = 1
     except StateDirError as e:  # raised wherever a command first touches the runs dir
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        code = 2
+    except Exception as e:
+        if not is_a(e, "UsageError"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        if is_a(e, "NoArgsIsHelpError"):  # plain `bov`: the help, as before
+            typer.echo(ctx.get_help() if ctx else str(e))
+        else:
+            typer.echo(f"error: {e.format_message()} (see `{ctx.command_path if ctx else 'bov'} --help`)", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

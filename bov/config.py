@@ -243,7 +243,7 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """Optimization recipe and budget (used by bov.train)."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # what numpy's seeding accepts
     batch_size: int = Field(8, ge=1)  # sequences per device per micro-batch
     grad_accum: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)

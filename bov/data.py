@@ -219,9 +219,8 @@ def load_documents(source: str, cfg: DataConfig, key: str = "data.source"):
     try:
         _check_text_column(ds, source, key, field)
     except DataError:
-        if isinstance(ds, datasets.Dataset) and source != "stdlib":  # no cache entry of a file we refuse
-            for d in {Path(c["filename"]).parent for c in ds.cache_files}:
-                shutil.rmtree(d, ignore_errors=True)
+        if source != "stdlib":
+            drop_cache(ds)
         raise
     if field != "text":
         ds = ds.rename_column(field, "text")
@@ -230,6 +229,35 @@ def load_documents(source: str, cfg: DataConfig, key: str = "data.source"):
     if cfg.max_docs is not None:
         ds = ds.take(cfg.max_docs) if not isinstance(ds, datasets.Dataset) else ds.select(range(min(cfg.max_docs, len(ds))))
     return ds
+
+
+def drop_cache(ds) -> None:
+    """Remove the Arrow cache entry of a Dataset we refuse (an IterableDataset has none)."""
+    import datasets
+
+    if isinstance(ds, datasets.Dataset):
+        for d in {Path(c["filename"]).parent for c in ds.cache_files}:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _check_split(ds, name: str, d: DataConfig, n_docs: int) -> None:
+    """A split with no document, or only empty ones, fails before the tokenizer is trained or anything is packed.
+
+    A stream is not read ahead for this; `_pack` still refuses an empty one."""
+    import datasets
+
+    if not isinstance(ds, datasets.Dataset):
+        return
+    if len(ds) == 0:
+        if name == "val":
+            raise DataError(f"data.val_fraction: no document of {d.source!r} falls in the validation split "
+                            f"({n_docs} documents at val_fraction {d.val_fraction}); give more documents, a larger "
+                            "data.val_fraction, or data.val_source")
+        raise DataError(f"data.source: no document of {d.source!r} is left for training ({n_docs} documents at "
+                        f"val_fraction {d.val_fraction})")
+    if not any(t for batch in ds.iter(batch_size=1024) for t in batch["text"]):
+        key = "data.val_source" if name == "val" and d.val_source else "data.source"
+        raise DataError(f"{key}: every document of the {name} split is empty text")
 
 
 def doc_bucket(text: str) -> int:
@@ -440,6 +468,13 @@ class PreparedData:
     fingerprint: str  # identifies (source, tokenizer, split settings)
     bos_id: int
 
+    def check_windows(self, seq_len: int) -> None:
+        """Each split holds at least one window of seq_len + 1 tokens: said before a run is opened."""
+        for name, stream in (("training", self.train), ("validation", self.val)):
+            if stream.n_tokens < seq_len + 1:
+                raise DataError(f"model.seq_len {seq_len}: the {name} split has {stream.n_tokens:,} tokens, "
+                                f"fewer than one window of {seq_len + 1:,}")
+
     def unigram_bpb(self) -> float:
         """Bits per byte of a unigram model fitted on train (add-one), scored on val: the bar to clear."""
         counts = np.bincount(np.asarray(self.train.array()), minlength=len(self.token_bytes)).astype(np.float64) + 1
@@ -477,6 +512,14 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
                 split["train"] = docs.filter(lambda t: doc_bucket(t) >= cut, input_columns="text")
             else:
                 split["train"], split["val"] = docs, load_documents(d.val_source, d, key="data.val_source")
+            try:
+                for name in ("train", "val"):
+                    _check_split(split[name], name, d, len(docs) if hasattr(docs, "__len__") else 0)
+            except DataError:
+                for ds in {id(x): x for x in (docs, split["train"], split["val"])}.values():
+                    drop_cache(ds)
+                split.clear()
+                raise
         return split
 
     tok, tok_path = get_tokenizer(cfg, lambda: (r["text"] for r in split_docs()["train"]), corpus_fp)
@@ -497,8 +540,9 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
         path = root / f"{name}.bin"
         stream = _load_cached(path)
         if stream is None or not stream.serves(limits[name]):
+            docs = split_docs()[name]  # read (and checked) before we say we tokenize it
             log(f"tokenizing {name} split of {d.val_source if name == 'val' and d.val_source else d.source} -> {path}")
-            stream = _pack(split_docs()[name], tok, bos_id, path, d.num_proc or os.cpu_count() or 1, limits[name])
+            stream = _pack(docs, tok, bos_id, path, d.num_proc or os.cpu_count() or 1, limits[name])
         streams[name] = stream.head(limits[name], token_bytes)
     return PreparedData(streams["train"], streams["val"], token_bytes, tok_path, fingerprint, bos_id)
 

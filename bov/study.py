@@ -147,9 +147,11 @@ def load_sweep(
         spec = spec.model_copy(update={"seeds": list(seeds)})
     if len(set(spec.seeds)) != len(spec.seeds) or not spec.seeds:
         raise ConfigError(f"{path}: seeds must be distinct and not empty (got {spec.seeds})")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1 (got {steps})")
     preset = scale or spec.base.preset
     if scale is None or scale == spec.base.preset:
-        steps = steps or spec.budget.steps
+        steps = steps if steps is not None else spec.budget.steps
     sweep = Sweep(study or f"{spec.study}-{preset}", spec, path, preset, overrides=parse_flat(overrides))
     if "/" in sweep.name or "\\" in sweep.name or sweep.name.startswith("."):  # the study gets a folder
         key = "--study" if study else f"{path}: study"

@@ -455,7 +455,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     from bov.data import prepare
 
     if workers < 1:
-        raise ConfigError(f"workers must be >= 1 (got {workers})")
+        raise ConfigError(f"--workers must be >= 1 (got {workers})")
+    if heartbeat < 1:
+        raise ConfigError(f"--heartbeat must be >= 1 second (got {heartbeat})")
     # what Lightning and the compiler will refuse, before any store, data or compute
     from bov.train import check_compile, check_trainer
 

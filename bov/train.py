@@ -299,6 +299,7 @@ def run_training(
     budget = plan_budget(cfg, flops_per_token, world)
     # a streaming source packs exactly what the budget reads, plus one window
     data = data or prepare(cfg, stream_tokens=budget.tokens + cfg.model.seq_len + 1, log=log)
+    data.check_windows(cfg.model.seq_len)
     regime = data_regime(cfg, budget, data.train.n_tokens, params)
     if regime.repeated:  # said before training: repeated data changes what a comparison means
         log(f"note: this run repeats its data: {regime.tokens:,} tokens over {regime.unique:,} unique "

@@ -35,6 +35,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     put("number_text.jsonl", b'{"text": 5}\n')
     put("no_text.jsonl", b'{"body": "x"}\n')
     put("empty.jsonl", b"")
+    put("one_doc.jsonl", b'{"text": "a single document leaves the validation split empty"}\n')
+    put("blank_text.jsonl", b'{"text": ""}\n{"text": ""}\n')
     put("latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))
     varied = " ".join(str(i * 7919 % 100003) for i in range(20000))
     put("truncated.txt.xz", lzma.compress(varied.encode())[:-100])  # cut before the end-of-stream footer
@@ -108,6 +110,7 @@ CASES = [
     ("two budgets", lambda f: T("train.max_tokens=1000"), {}, "exactly one of train.max_steps"),
     ("no budget", lambda f: T("train.max_steps=null"), {}, "exactly one of train.max_steps"),
     ("schedule", lambda f: T("train.schedule=linear"), {}, "train.schedule"),
+    ("negative seed", lambda f: T("train.seed=-1"), {}, "train.seed"),
     ("precision", lambda f: T("train.precision=fp8"), {}, "train.precision"),
     ("decay_start above 1", lambda f: T("train.decay_start=2"), {}, "train.decay_start"),
     ("betas not a pair", lambda f: T("train.betas=[0.9]"), {}, "train.betas"),
@@ -128,6 +131,11 @@ CASES = [
     ("no text field", lambda f: T(f"data.source={f['no_text.jsonl']}"), {}, "data.text_field"),
     ("other text field missing", lambda f: T(f"data.source={f['null_text.jsonl']}", "data.text_field=body"), {}, "no column 'body'"),
     ("empty file", lambda f: T(f"data.source={f['empty.jsonl']}"), {}, "empty.jsonl' holds no records"),
+    ("no document falls in validation", lambda f: T(f"data.source={f['one_doc.jsonl']}"), {},
+     "data.val_fraction: no document of"),
+    ("only empty text", lambda f: T(f"data.source={f['blank_text.jsonl']}"), {}, "train split is empty text"),
+    ("only empty validation text", lambda f: T(f"data.val_source={f['blank_text.jsonl']}"), {},
+     "data.val_source: every document of the val split is empty text"),
     ("not UTF-8", lambda f: T(f"data.source={f['latin1.txt']}"), {}, "latin1.txt is not readable as UTF-8 text"),
     ("truncated .txt.xz", lambda f: T(f"data.source={f['truncated.txt.xz']}"), {}, "truncated.txt.xz is truncated"),
     ("truncated .jsonl.xz", lambda f: T(f"data.source={f['truncated.jsonl.xz']}"), {}, "truncated.jsonl.xz is truncated"),
@@ -165,7 +173,10 @@ CASES = [
     ("sweep: zero budget", lambda f: ["sweep", str(f["sweep_bad_budget.yaml"])], {}, "budget"),
     ("sweep: missing data", lambda f: ["sweep", str(f["sweep_missing_data.yaml"])], {}, "no file matches"),
     ("sweep: --seeds text", lambda f: ["sweep", "bank_layers", "--seeds", "a,b"], {}, "--seeds 'a,b'"),
-    ("sweep: --workers 0", lambda f: ["sweep", "bank_layers", "--workers", "0"], {}, "workers"),
+    ("sweep: --workers 0", lambda f: ["sweep", "bank_layers", "--workers", "0"], {}, "--workers must be >= 1"),
+    ("sweep: --steps 0", lambda f: ["sweep", "bank_layers", "--steps", "0"], {}, "--steps must be >= 1 (got 0)"),
+    ("sweep: --steps negative", lambda f: ["sweep", "bank_layers", "--steps", "-5"], {}, "--steps must be >= 1"),
+    ("sweep: --heartbeat 0", lambda f: ["sweep", "bank_layers", "--heartbeat", "0"], {}, "--heartbeat must be >= 1"),
     ("sweep: --scale unknown", lambda f: ["sweep", "bank_layers", "--scale", "huge"], {}, "huge"),
     ("sweep: bad override", lambda f: ["sweep", "bank_layers", "-s", "model.nope=1"], {}, "model.nope"),
     ("sweep: strategy", lambda f: ["sweep", "bank_layers", "-s", "train.strategy=bogus"], {}, "train.strategy 'bogus'"),
@@ -208,3 +219,41 @@ def test_a_state_dir_that_cannot_be_made_is_one_line(var, tmp_path):
     assert out.returncode == 2, out.stderr[-1500:]
     assert out.stderr.strip() == f"error: {var}: cannot use {blocker / 'state'}{'' if var == 'BOV_RUNS_DIR' else '/tokenizers'} " \
                                  "for run state (NotADirectoryError: Not a directory)"
+
+
+DATA_CASES = [  # known only once the text is tokenized: refused after the (valid, reusable) caches, before any run
+    ("sequence longer than the validation text", T("model.seq_len=1000000"), "model.seq_len 1000000: the validation split"),
+    ("more unique tokens than the text holds", T("data.max_unique_tokens=999999999999"),
+     "data.max_unique_tokens=999999999999 asks for"),
+]
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_input_checked_against_the_data_fails_before_any_run(case, tmp_path, monkeypatch):
+    _, argv, needle = case
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("BOV_RUNS_DIR", str(runs))
+    monkeypatch.setenv("BOV_PROGRESS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    res = CliRunner().invoke(app, argv)
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and last.startswith("error: ") and needle in last, res.output[-1500:]
+    assert not (runs / "mlflow.db").exists() and not [p for p in (runs / "train").rglob("*") if p.is_file()]  # no run
+
+
+USAGE = [  # the command line itself (options, arguments, commands), as the installed `bov` reports it
+    (["train", "--bogus"], "No such option: --bogus (see `bov train --help`)"),
+    (["train", "-p", "micro", "extra"], "unexpected extra argument(s) (extra)"),
+    (["sweep", "--workers", "x"], "Invalid value for '--workers'"),
+    (["bench-train", "--steps", "0"], "Invalid value for '--steps'"),
+    (["nosuchcmd"], "No such command 'nosuchcmd'"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", USAGE, ids=[" ".join(a) for a, _ in USAGE])
+def test_a_mistyped_command_line_is_one_line_exit_2(argv, needle, tmp_path):
+    env = dict(os.environ, BOV_RUNS_DIR=str(tmp_path / "runs"))
+    done = subprocess.run([*BOV, *argv], env=env, capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.startswith("error: ") and "\n" not in err and needle in err, done.stderr
+    assert done.stdout == "" and not (tmp_path / "runs").exists()

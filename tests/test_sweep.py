@@ -441,23 +441,45 @@ def test_retry_failed_is_bounded_and_starts_a_failed_cell_from_scratch():
     assert cell_states(study, retry_failed=True)[("b", 0)] == "done"
 
 
-@pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run
-def test_a_run_left_running_by_a_killed_worker_is_removed_and_the_cell_keeps_one_run(tmp_path, monkeypatch):
-    """A worker killed between creating a cell's MLflow run and recording it leaves a RUNNING run nothing
-    will end; the next worker to take the cell removes it, so the cell ends with exactly one run."""
-    from bov.tracking import ensure_experiment
+# A real worker that SIGKILLs itself at the one moment no other kill test reaches: its cell's MLflow run
+# exists, but the Optuna trial does not know its id yet.
+DIE_BEFORE_RECORDING_THE_RUN = """
+import os, signal, sys
+import optuna
+from bov import tracking
+record = optuna.trial.Trial.set_user_attr
+def die_first(self, key, value):
+    if key == tracking.TRIAL_RUN_ID:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record(self, key, value)
+optuna.trial.Trial.set_user_attr = die_first
+from bov.cli import app
+sys.argv[0] = "bov"
+app()
+"""
 
+
+@pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run
+def test_a_kill_between_a_cells_run_and_its_trial_record_leaves_the_cell_one_run(tmp_path):
+    """A worker killed between creating a cell's MLflow run and recording it in the trial leaves a RUNNING
+    run nothing will end; the next worker to take the cell removes it, so the cell ends with exactly one run."""
     runs = tmp_path / "runs"
     path = write_sweep(tmp_path, levels=["none"], seeds=[0], budget={"steps": 4, "match": "flops"})
-    uri = f"sqlite:///{runs / 'mlflow.db'}"
-    env = env_with(runs)
-    monkeypatch.setenv("BOV_RUNS_DIR", str(runs))
-    exp = ensure_experiment("mini-micro", uri)  # as the first worker had made it
-    client = mlflow.MlflowClient(uri)
-    orphan = client.create_run(exp, tags={"bov.study": "mini-micro", "bov.level": "none", "bov.seed": "0"}).info.run_id
-    out = subprocess.run([*BOV, "sweep", str(path)], env=env, capture_output=True, text=True, timeout=HANG)
+    killed = subprocess.run([sys.executable, "-c", DIE_BEFORE_RECORDING_THE_RUN, "sweep", str(path)],
+                            env=env_with(runs), capture_output=True, text=True, timeout=HANG)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (orphan,) = child_runs(runs, "mini-micro")
+    assert orphan.info.status == "RUNNING"  # what the kill left: a run no trial names
+    (trial,) = study_of(runs, "mini-micro").get_trials()
+    assert trial.state.name == "RUNNING" and "mlflow_run_id" not in trial.user_attrs
+
+    out = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "left RUNNING" in out.stdout
     cell = child_runs(runs, "mini-micro")
-    assert [r.info.status for r in cell] == ["FINISHED"] and cell[0].info.run_id != orphan
-    assert client.get_run(orphan).info.lifecycle_stage == "deleted"
+    assert [r.info.status for r in cell] == ["FINISHED"] and cell[0].info.run_id != orphan.info.run_id
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    assert client.get_run(orphan.info.run_id).info.lifecycle_stage == "deleted"
+    assert_each_cell_once(runs, "mini-micro", {("none", 0)})
+    parent = [r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep"]
+    assert [r.info.status for r in parent] == ["FINISHED"]  # the killed sweep's parent run, ended by the re-run

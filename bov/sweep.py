@@ -186,10 +186,11 @@ class Grid:
             text += ("\n\nNote: one seed per level, so no difference here carries an interval: it is an anecdote, "
                      "not a finding. Run more seeds (SEEDS=3) before reading an ordering into it.")
         epochs = table["epochs"].dropna() if "epochs" in table else []
-        if len(epochs) and (epochs > 1).any():
+        if len(epochs) and (epochs > 1).any():  # under one epoch, FLOPs-matched cells differ in tokens, harmlessly
             text += "\n\nNote: some cells saw their training data more than once (epochs > 1)."
-        if len(epochs) and epochs.max() > 1.05 * epochs.min():
-            text += f"\nNote: the cells differ in epochs ({epochs.min():.2f} to {epochs.max():.2f}), not only in the axis."
+            if epochs.max() > 1.05 * epochs.min():
+                text += (f"\nNote: the cells differ in epochs ({epochs.min():.3g} to {epochs.max():.3g}), "
+                         "not only in the axis.")
         return text
 
 

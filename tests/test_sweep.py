@@ -21,6 +21,7 @@ import yaml
 from bov.config import ConfigError
 from bov.model import GPT
 from bov.plan import resolve_bank_layers
+from bov.study import BUDGET_KEYS
 from bov.sweep import ClaimLock, StepPruning, format_summary, list_sweeps, load_sweep, summarize
 from conftest import sigint_default
 
@@ -91,10 +92,27 @@ def test_every_sweep_definition_resolves_before_compute():
         sweep = load_sweep(name)
         assert sweep.cells and sweep.name == f"{sweep.spec.study}-tiny"
         key = {"flops": "max_flops", "tokens": "max_tokens", "steps": "max_steps"}[sweep.spec.budget.match]
-        budgets = {getattr(c.cfg.train, key) for c in sweep.cells}
-        assert len(budgets) == 1 and None not in budgets  # matched: one FLOPs (or token) budget for every cell
+        named = sweep.spec.levels if isinstance(sweep.spec.levels, dict) else {}
+        matched = [c for c in sweep.cells if not set(named.get(c.level) or {}) & set(BUDGET_KEYS)]
+        budgets = {getattr(c.cfg.train, key) for c in matched}
+        assert len(budgets) <= 1 and None not in budgets  # matched: one FLOPs (or token) budget for every cell
     assert {"bank_layers", "value_mode", "value_source", "value_coeff", "value_residual", "bank_init",
             "bank_sharing", "variants", "table1", "component_ablation"} <= set(list_sweeps())
+
+
+def test_a_level_that_names_its_budget_keeps_it_and_the_others_are_matched(tmp_path):
+    sweep = load_sweep("data_repetition_wikipedia")
+    (unique,) = {c.cfg.data.max_unique_tokens for c in sweep.cells}  # one fixed set, trained 1, 2 or 4 times
+    for c in sweep.cells:
+        epochs = int(c.level.rsplit("_", 1)[1].removesuffix("ep"))
+        assert (c.cfg.train.max_tokens, c.cfg.train.max_steps, c.cfg.train.max_flops) == (epochs * unique, None, None)
+    assert sweep.cell("bov_lr_bank_quarter_4ep", 0).cfg.train.lr_bank == sweep.cell("bov_4ep", 0).cfg.train.lr_bank / 4
+    # beside a level with its own budget, a level without one still gets the study's matched budget
+    mixed = load_sweep(write_sweep(tmp_path, levels={"none": {"model.bank_layers": "none"},
+                                                     "long": {"model.bank_layers": "none", "train.max_steps": 7}}))
+    assert (mixed.cell("long", 0).cfg.train.max_steps, mixed.cell("long", 0).cfg.train.max_flops) == (7, None)
+    base = mixed.cell("none", 0).cfg
+    assert base.train.max_steps is None and base.train.max_flops == 20 * 4 * 64 * GPT(base.model).flops_per_token(64)
 
 
 def test_bank_layers_levels_are_distinct_layer_sets_and_budget_is_reference_steps():
@@ -156,9 +174,9 @@ def test_summary_table_numbers():
     values = {("none", 0): 2.0, ("none", 1): 2.2, ("none", 2): 2.1, ("last_third", 0): 1.9, ("last_third", 1): 2.0}
     dist = {"level": optuna.distributions.CategoricalDistribution(sweep.levels),
             "seed": optuna.distributions.CategoricalDistribution(sweep.seeds)}
-    for (level, seed), v in values.items():
+    for (level, seed), v in values.items():  # FLOPs-matched: the bank cells read 10% more tokens, all fresh
         study.add_trial(optuna.trial.create_trial(params={"level": level, "seed": seed}, distributions=dist, value=v,
-                                                  user_attrs={"tokens": 1e6, "epochs": 0.5}))
+                                                  user_attrs={"tokens": 1e6, "epochs": 0.5 if level == "none" else 0.55}))
     study.add_trial(optuna.trial.create_trial(params={"level": "all", "seed": 0}, distributions=dist,
                                               state=optuna.trial.TrialState.FAIL, user_attrs={"bov.final_failure": True}))
     table = summarize(study, sweep)
@@ -175,7 +193,9 @@ def test_summary_table_numbers():
     assert lines["level"][:4] == ["seeds", "failed", "val/bpb", "Δ vs none (95% CI)"]
     assert lines["last_third"][:3] == ["2", "0", "1.9500 ± 0.0707"] and lines["last_third"][3].startswith("-0.1500 [")
     assert lines["all"][:4] == ["0", "1", "-", "-"]
-    assert "more than once" not in text  # said only when some cell repeated its data
+    assert "more than once" not in text and "differ in epochs" not in text  # said only when some cell repeated its data
+    repeated = table.assign(epochs=table["epochs"].where(table["level"] != "last_third", 2.0))
+    assert "more than once" in (said := format_summary(repeated, sweep)) and "differ in epochs (0.5 to 2)" in said
     empty = summarize(optuna.create_study(), sweep)  # interrupted before any cell finished
     assert list(empty["level"]) == sweep.levels and set(empty["runs"]) == {0}
     assert "| none " in format_summary(empty, sweep)

@@ -1,8 +1,8 @@
 """A study as a researcher reads it: `sweeps/<name>.yaml` -> validated cells with their budgets.
 
 A study file names a base preset and variant, an axis and its levels (a list of values of one config key,
-or named sets of overrides), seeds, a budget, and a sampler: `grid` crosses levels with seeds, `tpe`
-searches a space. `load_sweep` resolves it at one scale into every cell's validated `ExperimentConfig`,
+or named sets of overrides), seeds, a budget (every level's, unless a level names its own), and a sampler:
+`grid` crosses levels with seeds, `tpe` searches a space. `load_sweep` resolves it at one scale into every cell's validated `ExperimentConfig`,
 before any compute; nothing here touches Optuna or MLflow (bov.sweep runs a study).
 """
 
@@ -165,6 +165,9 @@ def load_sweep(
     def cell(level: str, seed: int, budget: dict[str, Any]) -> Cell:
         over = {**spec.overrides, **levels[level], **sweep.overrides}
         variant = over.pop("variant", spec.base.variant)
+        # a level that names its own budget keeps it (e.g. more epochs of the same unique tokens)
+        own = {k: v for k, v in levels[level].items() if k in BUDGET_KEYS}
+        budget = {**dict.fromkeys(BUDGET_KEYS), **own} if own else budget
         over = {**over, **budget, "train.seed": seed, "tracking.experiment": sweep.name}
         try:
             return Cell(level, seed, load_config(preset, variant, over), over)

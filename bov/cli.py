@@ -218,7 +218,8 @@ def bench_infer_cmd(
 def generate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="a .ckpt written by `bov train` or a sweep"),
     prompt: str = typer.Option("", "--prompt", help="text to continue (a BOS token is put first, as in training)"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1,
+                                                 help="default: 64, or fewer where the context has less room"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0: greedy"),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="sample among the k most likely tokens"),
     seed: int = typer.Option(0, "--seed"),

@@ -287,14 +287,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     return Loaded(model, cfg, tok, bos if bos is not None else 0)
 
 
-def generate_text(loaded: Loaded, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+def generate_text(loaded: Loaded, prompt: str, max_new_tokens: int | None, temperature: float = 0.0,
                   top_k: int | None = None, seed: int = 0, offload_banks: bool = False) -> str:
     """Tokenize (after BOS, as in training), decode, detokenize the new tokens.
 
-    `offload_banks` moves the bank tables to host memory and copies to the device only the rows
-    of tokens that occur (OffloadedBanks)."""
+    `max_new_tokens=None`: 64, or what the context leaves after the prompt. `offload_banks` moves the bank
+    tables to host memory and copies to the device only the rows of tokens that occur (OffloadedBanks)."""
     ids = [loaded.bos_id, *loaded.tokenizer.encode(prompt).ids]
     limit = loaded.model.rope.max_len
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(64, limit - len(ids)))
     if len(ids) + max_new_tokens > limit:
         raise ValueError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) > the model's "
                          f"context of {limit} tokens (model.seq_len)")

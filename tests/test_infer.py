@@ -160,6 +160,12 @@ def test_checkpoint_loads_the_trained_model_and_generates(trained_checkpoint):
     sampled = CliRunner().invoke(app, ["generate", "-c", str(trained_checkpoint), "--prompt", "import", "-n", "6",
                                        "-t", "0.8", "--top-k", "20", "--seed", "3"])
     assert sampled.exit_code == 0 and sampled.output.startswith("import")
+    # without -n: 64 new tokens, or what micro's 64-token context leaves after BOS and the prompt
+    room = loaded.model.rope.max_len - len(ids)
+    assert generate_text(loaded, "def ", None) == loaded.tokenizer.decode(
+        generate(loaded.model, torch.tensor([ids]), room, stop_id=loaded.bos_id)[0].tolist())
+    default = CliRunner().invoke(app, ["generate", "-c", str(trained_checkpoint), "--prompt", "def "])
+    assert default.exit_code == 0, default.output
 
 
 def test_generate_cli_bad_input_is_one_line(trained_checkpoint, tmp_path):

@@ -142,8 +142,10 @@ class Grid:
         return "wait" if "running" in states.values() else "done"
 
     def cell(self, trial) -> tuple[str, int, ExperimentConfig, Path]:
-        level = trial.suggest_categorical("level", self.sweep.levels)
-        seed = trial.suggest_categorical("seed", self.sweep.seeds)
+        # The queued cell, read back rather than suggested: Optuna refuses a categorical parameter whose
+        # choices change, so suggesting would break a study re-run with more seeds (SEEDS=3) or levels.
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        level, seed = _cell_of(frozen)
         return level, seed, self.sweep.cell(level, seed).cfg, runs_dir() / "sweeps" / self.sweep.name / f"{level}-seed{seed}"
 
     def pruning(self, trial):
@@ -314,7 +316,12 @@ class Objective:
         from bov.train import Diverged, run_training
 
         sweep, spec = self.sweep, self.sweep.spec
-        level, seed, cfg, run_dir = self.kind.cell(trial)
+        try:
+            level, seed, cfg, run_dir = self.kind.cell(trial)
+        except Exception as e:  # final: a cell that cannot even be set up would otherwise be claimed forever
+            self._final(trial, f"{type(e).__name__}: {e}")
+            self.lock.release()
+            raise
         resume = self._was_tried(trial, level, seed) and (run_dir / "last.ckpt").is_file() and (run_dir / "run.json").is_file()
         tags = {tracking.TAG_STUDY: sweep.name, tracking.TAG_TRIAL: str(trial.number), tracking.TAG_AXIS: spec.axis,
                 tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed), tracking.TAG_SWEEP_FILE: sweep.path.name}

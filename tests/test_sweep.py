@@ -435,6 +435,31 @@ def test_postgres_storage_two_workers_run_each_cell_once(tmp_path, postgres):
     assert len(child_runs(runs, "mini-micro")) == 2
 
 
+def test_a_grid_study_rerun_with_more_seeds_takes_its_new_cells(tmp_path):
+    """SEEDS=3 on a study first run with fewer: Optuna refuses a categorical parameter whose choices change,
+    so a cell read back from a suggested seed failed at once, and was claimed again, forever."""
+    from optuna.trial import TrialState
+
+    from bov.sweep import Grid, cell_states
+
+    path = write_sweep(tmp_path, levels=["none"], seeds=[0])
+    study = optuna.create_study()
+    first = Grid(load_sweep(path))
+    assert first.claim(study, retry_failed=False) == "run"
+    done = study.ask()  # what the first run left: a completed cell with the parameters it suggested then
+    done.suggest_categorical("level", ["none"]), done.suggest_categorical("seed", [0])
+    study.tell(done, 2.0)
+    assert not study.get_trials(states=[TrialState.WAITING])
+    wider = Grid(load_sweep(path, seeds=[0, 1]))
+    assert wider.claim(study, retry_failed=False) == "run"
+    trial = study.ask()
+    assert wider.cell(trial)[:2] == ("none", 1)
+    with pytest.raises(ValueError):  # the old way: the changed choices are refused
+        trial.suggest_categorical("seed", [0, 1])
+    study.tell(trial, 1.9)
+    assert cell_states(study) == {("none", 0): "done", ("none", 1): "done"} and wider.claim(study, False) == "done"
+
+
 def test_retry_failed_is_bounded_and_starts_a_failed_cell_from_scratch():
     import optuna
     from optuna.trial import TrialState, create_trial

@@ -33,8 +33,9 @@ FINAL_FAILURE, ERROR_ATTR = "bov.final_failure", "bov.error"  # trial attributes
 MAX_ATTEMPTS = 3  # --retry-failed runs a failed cell again until it has failed on its own this many times
 
 
-def _cell_of(t) -> tuple[str, int] | None:
-    # fixed_params first: a running trial's params are written one by one while it starts
+def cell_of(t) -> tuple[str, int] | None:
+    """A grid trial's (level, seed), from the queued cell (a grid trial suggests no parameters; older
+    studies' trials also have them as params)."""
     p = t.system_attrs.get("fixed_params") or t.params
     return (p["level"], p["seed"]) if "level" in p and "seed" in p else None
 
@@ -46,7 +47,7 @@ def failed_cells(study) -> list[tuple[str, int, str]]:
 
     last: dict[tuple[str, int], Any] = {}
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        cell = _cell_of(t)
+        cell = cell_of(t)
         if cell is not None and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
             last[cell] = t
     return [(lv, seed, t.user_attrs.get(ERROR_ATTR, "failed").splitlines()[0][:300])
@@ -58,7 +59,7 @@ def resumable(trials, number: int, level: str, seed: int) -> bool:
     """Trial `number` may resume the cell's checkpoint: the cell's latest earlier trial was killed or
     interrupted. After a failure of its own (divergence, an unreadable checkpoint, an error in training) a
     retry starts from scratch, so a bad checkpoint is never read twice."""
-    earlier = [t for t in trials if _cell_of(t) == (level, seed) and t.number < number]
+    earlier = [t for t in trials if cell_of(t) == (level, seed) and t.number < number]
     return bool(earlier) and not max(earlier, key=lambda t: t.number).user_attrs.get(FINAL_FAILURE)
 
 
@@ -75,10 +76,10 @@ def cell_states(study, retry_failed: bool = False) -> dict[tuple[str, int], str]
     trials = study.get_trials(deepcopy=False)
     failures: dict[tuple[str, int], int] = {}
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE) and _cell_of(t) is not None:
-            failures[_cell_of(t)] = failures.get(_cell_of(t), 0) + 1
+        if t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE) and cell_of(t) is not None:
+            failures[cell_of(t)] = failures.get(cell_of(t), 0) + 1
     for t in trials:
-        cell = _cell_of(t)
+        cell = cell_of(t)
         if cell is None:
             continue
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -145,7 +146,7 @@ class Grid:
         # The queued cell, read back rather than suggested: Optuna refuses a categorical parameter whose
         # choices change, so suggesting would break a study re-run with more seeds (SEEDS=3) or levels.
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-        level, seed = _cell_of(frozen)
+        level, seed = cell_of(frozen)
         return level, seed, self.sweep.cell(level, seed).cfg, runs_dir() / "sweeps" / self.sweep.name / f"{level}-seed{seed}"
 
     def pruning(self, trial):
@@ -165,14 +166,14 @@ class Grid:
 
         sweep, metric = self.sweep, self.sweep.spec.metric
         trials = study.get_trials(deepcopy=False)
-        runs = pd.DataFrame([{"level": _cell_of(t)[0], "seed": _cell_of(t)[1], metric: t.value,
+        runs = pd.DataFrame([{"level": cell_of(t)[0], "seed": cell_of(t)[1], metric: t.value,
                               "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs")}
-                             for t in trials if t.state == TrialState.COMPLETE and _cell_of(t)],
+                             for t in trials if t.state == TrialState.COMPLETE and cell_of(t)],
                             columns=["level", "seed", metric, "tokens", "epochs"])
         table = compare(runs, baseline=sweep.spec.baseline_level, metric=metric, order=sweep.levels)
         table = table.set_index("level").reindex(sweep.levels).rename_axis("level").reset_index()  # levels yet to run
         table["runs"] = table["runs"].fillna(0).astype(int)
-        failed = {_cell_of(t) for t in trials if t.state == TrialState.FAIL and _cell_of(t) and t.user_attrs.get(FINAL_FAILURE)}
+        failed = {cell_of(t) for t in trials if t.state == TrialState.FAIL and cell_of(t) and t.user_attrs.get(FINAL_FAILURE)}
         table["failed"] = [sum(c[0] == lv for c in failed) for lv in table["level"]]
         return table
 

@@ -22,7 +22,7 @@ from bov.config import ConfigError
 from bov.model import GPT
 from bov.plan import resolve_bank_layers
 from bov.study import BUDGET_KEYS
-from bov.sweep import ClaimLock, StepPruning, format_summary, list_sweeps, load_sweep, summarize
+from bov.sweep import ClaimLock, StepPruning, cell_of, format_summary, list_sweeps, load_sweep, summarize
 from conftest import sigint_default
 
 BOV = [sys.executable, "-m", "bov.cli"]
@@ -69,7 +69,7 @@ def study_of(runs: Path, name: str):
 
 def assert_each_cell_once(runs: Path, name: str, cells: set):
     trials = study_of(runs, name).get_trials()
-    done = [(t.params["level"], t.params["seed"]) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [cell_of(t) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(done) == sorted(cells)  # every cell completed, none twice
     children = child_runs(runs, name)
     finished = [(r.data.tags["bov.level"], int(r.data.tags["bov.seed"])) for r in children if r.info.status == "FINISHED"]
@@ -78,7 +78,7 @@ def assert_each_cell_once(runs: Path, name: str, cells: set):
     for t in trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
             run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(t.user_attrs["mlflow_run_id"])
-            assert run.data.tags["bov.level"] == t.params["level"]
+            assert run.data.tags["bov.level"] == cell_of(t)[0] == t.user_attrs["level"]
             assert run.data.tags["mlflow.parentRunId"] == study_of(runs, name).user_attrs["mlflow_parent_run_id"]
             assert run.data.metrics["val/bpb"] == pytest.approx(t.value)
     return trials
@@ -295,7 +295,7 @@ def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]  # a sweep with a failed cell does not end as a success
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 1 of 2 cells failed (huge seed 0: ") and "--retry-failed" in last
-    trials = {t.params["level"]: t for t in study_of(runs, "mini-micro").get_trials()}
+    trials = {cell_of(t)[0]: t for t in study_of(runs, "mini-micro").get_trials()}
     assert trials["ok"].state.name == "COMPLETE"
     assert trials["huge"].state.name == "FAIL" and "train loss is nan" in trials["huge"].user_attrs["bov.error"]
     run = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}").get_run(trials["huge"].user_attrs["mlflow_run_id"])
@@ -426,7 +426,7 @@ def test_postgres_storage_two_workers_run_each_cell_once(tmp_path, postgres):
     assert out.returncode == 0, out.stderr[-2000:]
     study = optuna.load_study(study_name="mini-micro", storage=postgres.replace("postgresql://", "postgresql+psycopg://"))
     trials = study.get_trials()
-    done = sorted((t.params["level"], t.params["seed"]) for t in trials if t.state.name == "COMPLETE")
+    done = sorted(cell_of(t) for t in trials if t.state.name == "COMPLETE")
     assert done == [("last_third", 0), ("none", 0)] and len(trials) == 2, (
         [(t.number, t.state.name, t.params, t.user_attrs.get("pid"), t.datetime_start) for t in trials], out.stdout)
     assert not (runs / "optuna.db").exists()  # the study lived on the server

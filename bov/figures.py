@@ -115,11 +115,13 @@ def plot_axis(runs: pd.DataFrame, by: str = "level", metric: str = VAL_BPB, orde
 
 
 def plot_epochs(runs: pd.DataFrame, metric: str = VAL_BPB, hue: str = "variant", order: Sequence[str] | None = None,
-                title: str = ""):
+                title: str = "", xlabel: str = "epochs over the unique training tokens (fixed compute)",
+                ylabel: str | None = None):
     """The metric against epochs over the training data, one line per variant (± one std over seeds).
 
-    Compute is fixed; fewer unique tokens means more epochs. A bank's tables can memorize what
-    a parameter-free source cannot (shared/spec section 7).
+    By default compute is fixed, so fewer unique tokens means more epochs; a study that fixes the unique
+    tokens instead says so in `xlabel`. A bank's tables can memorize what a parameter-free source cannot
+    (shared/spec section 7).
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -129,8 +131,8 @@ def plot_epochs(runs: pd.DataFrame, metric: str = VAL_BPB, hue: str = "variant",
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=runs, x="epochs", y=metric, hue=hue, hue_order=order, errorbar="sd", marker="o", ax=ax)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("epochs over the unique training tokens (fixed compute)")
-    ax.set_ylabel(f"validation {metric.split('/')[-1]}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel or f"validation {metric.split('/')[-1]}")
     ax.legend(fontsize=8, title=None)
     if title:
         ax.set_title(title)

@@ -286,6 +286,32 @@ def test_two_workers_share_a_grid_without_running_a_cell_twice(tmp_path):
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers ran cells
 
 
+@pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run
+def test_sigkill_of_one_of_two_workers_the_other_finishes_every_cell_once(tmp_path):
+    """One worker of two is SIGKILLed mid-trial: the other recognizes its dead pid, resumes the cell from its
+    checkpoint and finishes the grid; the sweep ends FINISHED with one run per cell and nothing RUNNING."""
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, seeds=[0], budget={"steps": 150, "match": "flops"}, overrides={"train.ckpt_every": 25})
+    proc = subprocess.Popen([*BOV, "sweep", str(path), "--workers", "2", "--heartbeat", "2"], env=env_with(runs),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    victim = runs / "sweeps" / "mini-micro" / "last_third-seed0" / "last.ckpt"
+    try:
+        _wait_for(victim.is_file, proc, what="a checkpoint of the second cell")
+        (trial,) = [t for t in study_of(runs, "mini-micro").get_trials() if cell_of(t) == ("last_third", 0)]
+        os.kill(trial.user_attrs["pid"], signal.SIGKILL)  # that worker only; the sweep and the other go on
+        out, err = proc.communicate(timeout=HANG)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-2000:]
+    assert "(resuming)" in out  # the surviving worker continued the killed cell from its checkpoint
+    trials = assert_each_cell_once(runs, "mini-micro", {("none", 0), ("last_third", 0)})
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert len(child_runs(runs, "mini-micro")) == 2  # the resumed cell kept its MLflow run
+    parent = [r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep"]
+    assert [r.info.status for r in parent] == ["FINISHED"]
+
+
 def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
     runs = tmp_path / "runs"
     blow = {"train.lr_matrix": 1e30, "train.lr_embedding": 1e30, "train.lr_unembedding": 1e30,

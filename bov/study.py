@@ -2,8 +2,9 @@
 
 A study file names a base preset and variant, an axis and its levels (a list of values of one config key,
 or named sets of overrides), seeds, a budget (every level's, unless a level names its own), and a sampler:
-`grid` crosses levels with seeds, `tpe` searches a space. `load_sweep` resolves it at one scale into every cell's validated `ExperimentConfig`,
-before any compute; nothing here touches Optuna or MLflow (bov.sweep runs a study).
+`grid` crosses levels with seeds, `tpe` searches a space. `load_sweep` resolves it at one scale into every
+cell's validated `ExperimentConfig`, before any compute; nothing here touches Optuna or MLflow (bov.sweep
+runs a study).
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ class NorMuon(torch.optim.Optimizer):
     """nanochat's Muon step, same-shape matrices stepped together as one batch: Nesterov momentum, Polar
     Express, NorMuon variance reduction (a second moment per row of a tall matrix, per column of a wide one,
     rescaled to keep the update's norm) and cautious weight decay (only where the update and the weight agree
-    in sign), with the LR scaled by sqrt(max(1, rows / cols)). Its momentum and weight decay follow the step count (`normuon_momentum`; weight
-    decay on a cosine to zero), kept in the group so that a resumed run continues the same schedule.
+    in sign), with the LR scaled by sqrt(max(1, rows / cols)). Its momentum and weight decay follow the step
+    count (`normuon_momentum`; weight decay on a cosine to zero), kept in the group so that a resumed run
+    continues the same schedule.
     Written here because torch.optim.Muon has neither the second moment nor the cautious, scheduled decay."""
 
     def __init__(self, params, lr: float, weight_decay: float, total_steps: int, decay_start: float,

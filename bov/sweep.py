@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,9 +423,25 @@ def worker_loop(sweep: Sweep, storage_url: str, heartbeat: int, parent_run_id: s
             lock.release()
 
 
+def _end_with_parent(parent_pid: int, every: float = 1.0) -> None:
+    """A worker stops when the sweep process is gone, even SIGKILLed (which no handler sees); otherwise it
+    would go on and share the cores with the next `bov sweep`. It sends itself SIGTERM, which Lightning turns
+    into a clean stop with the run KILLED. Polling rather than Linux's PR_SET_PDEATHSIG: it works wherever
+    spawn does."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="bov-parent-watch", daemon=True).start()
+
+
 def _worker_main(index: int, workers: int, sweep: Sweep, storage_url: str, heartbeat: int,
-                 parent_run_id: str, retry_failed: bool, runs: str, gpus: int = 0) -> None:
+                 parent_run_id: str, retry_failed: bool, runs: str, gpus: int = 0, parent_pid: int = 0) -> None:
     """Entry point of a spawned worker: its own GPU (if several), its share of CPU threads."""
+    if parent_pid:
+        _end_with_parent(parent_pid)
     os.environ["BOV_RUNS_DIR"] = runs
     if gpus > 1:  # before torch is imported here, so CUDA never initialises with every GPU visible
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -437,6 +455,21 @@ def _worker_main(index: int, workers: int, sweep: Sweep, storage_url: str, heart
                     log=lambda m: print(f"[worker {index}] {m}", flush=True))
     except KeyboardInterrupt:
         pass
+
+
+def _forward_sigterm(procs) -> Any:
+    """`kill <sweep pid>` reaches only this process: pass SIGTERM on to the workers, then stop as Ctrl-C does.
+    Returns the handler it replaced (None off the main thread, where Python cannot set one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 @dataclass
@@ -535,17 +568,21 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
 
             gpus = torch.cuda.device_count()  # NVML's count: does not initialise CUDA in this process
             procs = [ctx.Process(target=_worker_main, args=(i, workers, sweep, url, heartbeat, parent, retry_failed,
-                                                             str(runs_dir().resolve()), gpus), daemon=False)
+                                                             str(runs_dir().resolve()), gpus, os.getpid()), daemon=False)
                      for i in range(workers)]
             for p in procs:
                 p.start()
+            before = _forward_sigterm(procs)
             try:
                 for p in procs:
                     p.join()
-            except KeyboardInterrupt:  # the workers got the same SIGINT: let them end their runs cleanly
+            except KeyboardInterrupt:  # the workers got the same SIGINT (or SIGTERM): let them end their runs cleanly
                 for p in procs:
                     p.join()
                 raise
+            finally:
+                if before is not None:
+                    signal.signal(signal.SIGTERM, before)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: runs in flight ended KILLED; re-run the same command to continue")

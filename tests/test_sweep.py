@@ -312,6 +312,58 @@ def test_sigkill_of_one_of_two_workers_the_other_finishes_every_cell_once(tmp_pa
     assert [r.info.status for r in parent] == ["FINISHED"]
 
 
+def _alive(pid: int) -> bool:
+    """A process that runs (a zombie nobody reaped has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:  # no /proc
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+@pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_sweep_process_of_two_workers_stops_both_and_rerun_finishes(tmp_path, sig):
+    """`kill` (or a SIGKILL) reaches the sweep process only: its workers stop too, their runs end KILLED, not
+    RUNNING, and nothing is left to share the cores with the next sweep, which resumes and finishes."""
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, seeds=[0], budget={"steps": 300, "match": "flops"}, overrides={"train.ckpt_every": 25})
+    cmd = [*BOV, "sweep", str(path), "--workers", "2", "--heartbeat", "2"]
+    proc = subprocess.Popen(cmd, env=env_with(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ckpts = [runs / "sweeps" / "mini-micro" / f"{lv}-seed0" / "last.ckpt" for lv in ("none", "last_third")]
+    try:
+        _wait_for(lambda: all(c.is_file() for c in ckpts), proc, what="a checkpoint of both cells")
+        pids = {t.user_attrs["pid"] for t in study_of(runs, "mini-micro").get_trials()}
+        assert len(pids) == 2  # one cell per worker, both in flight
+        os.kill(proc.pid, sig)  # the sweep process only, as `kill <pid>` does
+        out, _ = proc.communicate(timeout=HANG)
+        t0 = time.time()
+        while any(_alive(p) for p in pids):
+            assert time.time() - t0 < HANG, "a worker outlived its sweep"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and "interrupted" in out, out[-2000:]
+    children = child_runs(runs, "mini-micro")
+    assert sorted(r.info.status for r in children) == ["KILLED", "KILLED"]  # stopped by Lightning, not lost
+    parent = [r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep"]
+    assert [r.info.status for r in parent] == ["KILLED" if sig == signal.SIGTERM else "RUNNING"]
+
+    rerun = subprocess.run(cmd, env=env_with(runs), capture_output=True, text=True, timeout=HANG)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("(resuming)") == 2  # both cells continued from their checkpoints
+    assert_each_cell_once(runs, "mini-micro", {("none", 0), ("last_third", 0)})
+    parent = [r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep"]
+    assert [r.info.status for r in parent] == ["FINISHED"]
+
+
 def test_diverged_trial_is_failed_with_reason_and_the_sweep_goes_on(tmp_path):
     runs = tmp_path / "runs"
     blow = {"train.lr_matrix": 1e30, "train.lr_embedding": 1e30, "train.lr_unembedding": 1e30,

@@ -356,6 +356,10 @@ def run_training(
         if trainer.interrupted:
             status, error = "KILLED", "interrupted"
         else:
+            # ModelCheckpoint saves only every n steps: a budget that is no multiple of n would leave last.ckpt
+            # short of the trained model, which eval, probe, generate and lm-eval read
+            if not bench and trainer.global_step % (cfg.train.ckpt_every or cfg.train.val_every):
+                trainer.save_checkpoint(ckpt)
             if not bench and (getattr(module, "val_metrics", None) is None or trainer.global_step % cfg.train.val_every):
                 trainer.validate(module, datamodule=dm, verbose=False)
             status = "FINISHED"

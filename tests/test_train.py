@@ -70,6 +70,21 @@ def test_train_logs_everything_to_mlflow(runs):
     assert (runs / "artifacts").is_dir() and run.info.artifact_uri.startswith((runs / "artifacts").as_uri())
 
 
+def test_last_checkpoint_holds_the_trained_model_when_the_budget_is_no_multiple_of_the_save_interval(runs):
+    """eval, probe, generate and lm-eval read last.ckpt: it must be the model the run's metrics describe."""
+    import torch
+
+    from bov.infer import load_checkpoint
+
+    cfg = load_config("micro", "bov", {"train.max_steps": 23, "train.ckpt_every": 10})
+    s = run_training(cfg, log=lambda m: None)
+    (ckpt,) = runs.glob("train/*/last.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == s["steps"] == 23
+    model = load_checkpoint(ckpt).model
+    with torch.no_grad():
+        assert float(sum(p.double().sum() for p in model.parameters())) == pytest.approx(s["param_checksum"], rel=1e-12)
+
+
 def test_resume_after_sigkill_is_exact(tmp_path):
     args = ["train", "-p", "micro", "-v", "bov", "--set", "train.max_steps=60", "--set", "train.ckpt_every=30",
             "--set", "train.val_every=30", "--json"]

@@ -553,6 +553,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
                 study.set_user_attr(k, v)
         else:
             client.update_run(parent, status="RUNNING")
+            tracking.extend_sweep_run(sweep, uri, parent)  # a re-run with more levels or seeds records them
     log(f"study {sweep.name}: {kind.n_trials} cells, {workers} worker(s); optuna {url}; mlflow {uri} "
         f"(experiment {sweep.name})")
 

@@ -218,6 +218,28 @@ def create_sweep_run(sweep, uri: str, experiment_id: str, storage_url: str) -> s
     return run_id
 
 
+def extend_sweep_run(sweep, uri: str, run_id: str) -> None:
+    """A study continued with more levels or seeds: the parent run's recorded definition grows to hold them
+    (levels and seeds recorded before stay, in their order), so the analysis lists every level that ran. The
+    params logged at creation stay: MLflow params cannot change."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    try:
+        old = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{STUDY_ARTIFACT}"))
+    except Exception:
+        old = read_study_definition(run)
+    new = study_definition(sweep)
+    levels = list(dict.fromkeys([*old.get("levels", []), *new["levels"]]))
+    seeds = list(dict.fromkeys([*old.get("seeds", []), *new["seeds"]]))
+    if levels == old.get("levels") and seeds == old.get("seeds"):
+        return
+    client.log_text(run_id, sweep.path.read_text(), SWEEP_ARTIFACT)
+    client.log_dict(run_id, {**old, **{k: v for k, v in new.items() if k not in old}, "levels": levels, "seeds": seeds},
+                    STUDY_ARTIFACT)
+
+
 def read_study_definition(run) -> dict[str, Any]:
     """A parent run's study definition: `study.json`, or (stores written before it existed) the comma-joined
     params and `sweep.yaml` of the older schema."""

@@ -538,6 +538,23 @@ def test_a_grid_study_rerun_with_more_seeds_takes_its_new_cells(tmp_path):
     assert cell_states(study) == {("none", 0): "done", ("none", 1): "done"} and wider.claim(study, False) == "done"
 
 
+def test_a_study_rerun_with_more_levels_and_seeds_records_them_for_the_analysis(tmp_path):
+    from bov import tracking
+    from bov.analysis import load_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(tmp_path, levels=["none", "last_third"], seeds=[0])
+    sweep = load_sweep(path)
+    parent = tracking.create_sweep_run(sweep, uri, tracking.ensure_experiment(sweep.name, uri), "sqlite:///x")
+    write_sweep(tmp_path, levels=["none", "last_third", "all"], seeds=[0])
+    tracking.extend_sweep_run(load_sweep(path, seeds=[0, 1]), uri, parent)
+    tracking.extend_sweep_run(load_sweep(path, seeds=[1]), uri, parent)  # a narrower re-run forgets nothing
+    study = load_study(sweep.name, uri)
+    assert study.levels == ["none", "last_third", "all"] and study.baseline == "none"
+    d = tracking.read_study_definition(mlflow.MlflowClient(uri).get_run(parent))
+    assert d["seeds"] == [0, 1] and "all" in mlflow.artifacts.load_text(f"runs:/{parent}/{tracking.SWEEP_ARTIFACT}")
+
+
 def test_retry_failed_is_bounded_and_starts_a_failed_cell_from_scratch():
     import optuna
     from optuna.trial import TrialState, create_trial

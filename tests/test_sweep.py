@@ -22,7 +22,8 @@ from bov.config import ConfigError
 from bov.model import GPT
 from bov.plan import resolve_bank_layers
 from bov.study import BUDGET_KEYS
-from bov.sweep import ClaimLock, StepPruning, cell_of, format_summary, list_sweeps, load_sweep, summarize
+from bov.sweep import ClaimLock, list_sweeps, load_sweep
+from bov.trials import StepPruning, cell_of, format_summary, summarize
 from conftest import sigint_default
 
 BOV = [sys.executable, "-m", "bov.cli"]
@@ -518,7 +519,7 @@ def test_a_grid_study_rerun_with_more_seeds_takes_its_new_cells(tmp_path):
     so a cell read back from a suggested seed failed at once, and was claimed again, forever."""
     from optuna.trial import TrialState
 
-    from bov.sweep import Grid, cell_states
+    from bov.trials import Grid, cell_states
 
     path = write_sweep(tmp_path, levels=["none"], seeds=[0])
     study = optuna.create_study()
@@ -559,7 +560,7 @@ def test_retry_failed_is_bounded_and_starts_a_failed_cell_from_scratch():
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from bov.sweep import FINAL_FAILURE, MAX_ATTEMPTS, cell_states, resumable
+    from bov.trials import FINAL_FAILURE, MAX_ATTEMPTS, cell_states, resumable
 
     study = optuna.create_study()
 

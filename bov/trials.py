@@ -1,0 +1,308 @@
+"""How a study's trials map to its cells: bookkeeping over Optuna trials and the summary of a study.
+
+A grid trial runs one (level, seed) cell; which cells are done, running, waiting, failed on their own, or
+resumable from a checkpoint is read from the trials alone (`cell_states`), so any number of workers on any
+number of machines agree. `Grid` and `Tpe` are the two ways a trial finds its cell (claim the next one, set
+it up, prune it or not, summarize the study); bov.sweep runs the trials.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from bov.config import ConfigError, ExperimentConfig, load_config
+from bov.paths import runs_dir
+from bov.study import SearchParam, Sweep
+
+FINAL_FAILURE, ERROR_ATTR = "bov.final_failure", "bov.error"  # trial attributes: failed on its own, and why
+MAX_ATTEMPTS = 3  # --retry-failed runs a failed cell again until it has failed on its own this many times
+
+
+def cell_of(t) -> tuple[str, int] | None:
+    """A grid trial's (level, seed), from the queued cell (a grid trial suggests no parameters; older
+    studies' trials also have them as params)."""
+    p = t.system_attrs.get("fixed_params") or t.params
+    return (p["level"], p["seed"]) if "level" in p and "seed" in p else None
+
+
+def failed_cells(study) -> list[tuple[str, int, str]]:
+    """(level, seed, reason) of the cells whose last trial failed on its own (diverged, an error in training)
+    and that no later trial completed."""
+    from optuna.trial import TrialState
+
+    last: dict[tuple[str, int], Any] = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        cell = cell_of(t)
+        if cell is not None and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            last[cell] = t
+    return [(lv, seed, t.user_attrs.get(ERROR_ATTR, "failed").splitlines()[0][:300])
+            for (lv, seed), t in sorted(last.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
+            if t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE)]
+
+
+def resumable(trials, number: int, level: str, seed: int) -> bool:
+    """Trial `number` may resume the cell's checkpoint: the cell's latest earlier trial was killed or
+    interrupted. After a failure of its own (divergence, an unreadable checkpoint, an error in training) a
+    retry starts from scratch, so a bad checkpoint is never read twice."""
+    earlier = [t for t in trials if cell_of(t) == (level, seed) and t.number < number]
+    return bool(earlier) and not max(earlier, key=lambda t: t.number).user_attrs.get(FINAL_FAILURE)
+
+
+def cell_states(study, retry_failed: bool = False) -> dict[tuple[str, int], str]:
+    """(level, seed) -> done | failed | running | waiting, from every trial of the study.
+
+    A failed trial counts as final only when it says so (diverged, or an error in training);
+    a worker that was killed or interrupted leaves its cell to be run again.
+    """
+    from optuna.trial import TrialState
+
+    states: dict[tuple[str, int], str] = {}
+    rank = {"done": 4, "running": 3, "waiting": 2, "failed": 1}
+    trials = study.get_trials(deepcopy=False)
+    failures: dict[tuple[str, int], int] = {}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE) and cell_of(t) is not None:
+            failures[cell_of(t)] = failures.get(cell_of(t), 0) + 1
+    for t in trials:
+        cell = cell_of(t)
+        if cell is None:
+            continue
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            s = "done"
+        elif t.state == TrialState.RUNNING:
+            s = "running"
+        elif t.state == TrialState.WAITING:
+            s = "waiting"
+        elif t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE) and (
+                not retry_failed or failures[cell] >= MAX_ATTEMPTS):  # retried a bounded number of times
+            s = "failed"
+        else:
+            continue
+        if rank[s] > rank.get(states.get(cell, ""), 0):
+            states[cell] = s
+    return states
+
+
+# ----------------------------------------------------------------------------- grid and TPE
+
+
+class Grid:
+    """Every (level, seed) cell exactly once: cells are queued one at a time under the claim lock."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.sweep.cells)
+
+    def sampler(self):
+        import optuna
+
+        return optuna.samplers.GridSampler({"level": self.sweep.levels, "seed": self.sweep.seeds}, seed=0)
+
+    def pruner(self):
+        import optuna
+
+        return optuna.pruners.NopPruner()
+
+    def claim(self, study, retry_failed: bool) -> Literal["run", "wait", "done"]:
+        """Queue the next cell (or leave a queued one to pop); else wait for running ones, or stop."""
+        import optuna
+        from optuna.trial import TrialState
+
+        sweep = self.sweep
+        states = cell_states(study, retry_failed)
+        if "waiting" in states.values():
+            return "run"
+        todo = [(c.level, c.seed) for c in sweep.cells if (c.level, c.seed) not in states]
+        if todo:
+            level, seed = todo[0]
+            # what study.enqueue_trial does, plus GridSampler's own bookkeeping (its grid id, search space),
+            # so the sampler sees the grid as we do: ids index product(levels, seeds)
+            space = {"level": sweep.levels, "seed": sweep.seeds}
+            study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={
+                "fixed_params": {"level": level, "seed": seed}, "search_space": space,
+                "grid_id": sweep.levels.index(level) * len(sweep.seeds) + sweep.seeds.index(seed)}))
+            return "run"
+        return "wait" if "running" in states.values() else "done"
+
+    def cell(self, trial) -> tuple[str, int, ExperimentConfig, Path]:
+        # The queued cell, read back rather than suggested: Optuna refuses a categorical parameter whose
+        # choices change, so suggesting would break a study re-run with more seeds (SEEDS=3) or levels.
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        level, seed = cell_of(frozen)
+        return level, seed, self.sweep.cell(level, seed).cfg, runs_dir() / "sweeps" / self.sweep.name / f"{level}-seed{seed}"
+
+    def pruning(self, trial):
+        return None
+
+    def complete(self, study) -> bool:
+        states = cell_states(study, retry_failed=False)
+        return all(states.get((c.level, c.seed)) in ("done", "failed") for c in self.sweep.cells)
+
+    def summarize(self, study):
+        """Per level, bov.analysis.compare over the completed trials (seeds, mean, std, delta vs the baseline
+        level with its interval, tokens, epochs) plus a count of failed cells."""
+        import pandas as pd
+        from optuna.trial import TrialState
+
+        from bov.analysis import compare
+
+        sweep, metric = self.sweep, self.sweep.spec.metric
+        trials = study.get_trials(deepcopy=False)
+        runs = pd.DataFrame([{"level": cell_of(t)[0], "seed": cell_of(t)[1], metric: t.value,
+                              "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs")}
+                             for t in trials if t.state == TrialState.COMPLETE and cell_of(t)],
+                            columns=["level", "seed", metric, "tokens", "epochs"])
+        table = compare(runs, baseline=sweep.spec.baseline_level, metric=metric, order=sweep.levels)
+        table = table.set_index("level").reindex(sweep.levels).rename_axis("level").reset_index()  # levels yet to run
+        table["runs"] = table["runs"].fillna(0).astype(int)
+        failed = {cell_of(t) for t in trials if t.state == TrialState.FAIL and cell_of(t) and t.user_attrs.get(FINAL_FAILURE)}
+        table["failed"] = [sum(c[0] == lv for c in failed) for lv in table["level"]]
+        return table
+
+    def format(self, table) -> str:
+        from bov.analysis import format_table
+
+        spec = self.sweep.spec
+        shown = format_table(table, metric=spec.metric, baseline=spec.baseline_level)
+        if table["failed"].any():
+            shown.insert(2, "failed", table["failed"])
+        text = shown.to_markdown(index=False, disable_numparse=True)
+        if spec.baseline_level and table["runs"].max() <= 1:
+            text += ("\n\nNote: one seed per level, so no difference here carries an interval: it is an anecdote, "
+                     "not a finding. Run more seeds (SEEDS=3) before reading an ordering into it.")
+        epochs = table["epochs"].dropna() if "epochs" in table else []
+        if len(epochs) and (epochs > 1).any():  # under one epoch, FLOPs-matched cells differ in tokens, harmlessly
+            text += "\n\nNote: some cells saw their training data more than once (epochs > 1)."
+            if epochs.max() > 1.05 * epochs.min():
+                text += (f"\nNote: the cells differ in epochs ({epochs.min():.3g} to {epochs.max():.3g}), "
+                         "not only in the axis.")
+        return text
+
+
+class Tpe:
+    """`n_trials` trials sampled by TPE over `space`, median-pruned on intermediate validation."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+
+    @property
+    def n_trials(self) -> int:
+        return self.sweep.spec.n_trials
+
+    def sampler(self):
+        import optuna
+
+        return optuna.samplers.TPESampler(seed=self.sweep.spec.seeds[0], n_startup_trials=self.sweep.spec.pruner.n_startup_trials)
+
+    def pruner(self):
+        import optuna
+
+        p = self.sweep.spec.pruner
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+
+    def claim(self, study, retry_failed: bool) -> Literal["run", "wait", "done"]:
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                    or (t.state == TrialState.FAIL and t.user_attrs.get(FINAL_FAILURE))]
+        live = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if any(t.state == TrialState.WAITING for t in live) or len(finished) + len(live) < self.n_trials:
+            return "run"
+        return "wait" if live else "done"
+
+    def cell(self, trial) -> tuple[str, int, ExperimentConfig, Path]:
+        values = {k: self._suggest(trial, k, p) for k, p in self.sweep.spec.space.items()}
+        base = self.sweep.cells[0]
+        try:
+            cfg = load_config(base.cfg.preset, base.cfg.variant, {**base.overrides, **values})
+        except ConfigError as e:
+            trial.set_user_attr(FINAL_FAILURE, True)
+            trial.set_user_attr(ERROR_ATTR, str(e))
+            raise
+        level = f"trial{trial.number}"
+        return level, self.sweep.spec.seeds[0], cfg, runs_dir() / "sweeps" / self.sweep.name / level
+
+    @staticmethod
+    def _suggest(trial, key: str, p: SearchParam):
+        if p.choices is not None:
+            return trial.suggest_categorical(key, p.choices)
+        if p.type == "int":
+            return trial.suggest_int(key, int(p.low), int(p.high), log=p.log)
+        return trial.suggest_float(key, p.low, p.high, log=p.log)
+
+    def pruning(self, trial):
+        return StepPruning(trial, self.sweep.spec.metric)
+
+    def complete(self, study) -> bool:
+        return True
+
+    def summarize(self, study):
+        """The ten best trials."""
+        import pandas as pd
+        from optuna.trial import TrialState
+
+        done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        return pd.DataFrame([{"trial": t.number, **t.params, self.sweep.spec.metric: t.value,
+                              "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs")}
+                             for t in sorted(done, key=lambda t: t.value)[:10]])
+
+    def format(self, table) -> str:
+        return table.to_markdown(index=False, floatfmt=".4g")
+
+
+def sampling(sweep: Sweep) -> Grid | Tpe:
+    return Tpe(sweep) if sweep.spec.sampler == "tpe" else Grid(sweep)
+
+
+
+class StepPruning:
+    """Report `metric` to the trial after each validation at `trainer.global_step`; stop if pruned.
+
+    Lightning's stock Optuna callback reports per epoch, and our runs are one endless epoch.
+    """
+
+    def __init__(self, trial, metric: str):
+        import lightning.pytorch as pl
+
+        class _Callback(pl.Callback):
+            def on_validation_end(cb, trainer, module):
+                value = (getattr(module, "val_metrics", None) or {}).get(metric)
+                if value is None or trainer.sanity_checking:
+                    return
+                trial.report(value, step=trainer.global_step)
+                if trial.should_prune():
+                    self.pruned_at = trainer.global_step
+                    trainer.should_stop = True
+
+        self.pruned_at: int | None = None
+        self.callback = _Callback()
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize(study, sweep: Sweep):
+    """A DataFrame: per grid level, the comparison with the baseline level; for TPE, the ten best trials."""
+    return sampling(sweep).summarize(study)
+
+
+def format_summary(table, sweep: Sweep) -> str:
+    """The summary as Markdown: bov.analysis.format_table's columns, a failed column when some cell failed."""
+    if table.empty:
+        return "(no completed trials)"
+    return sampling(sweep).format(table)
+
+
+def write_summary(table, sweep: Sweep, failed: list[tuple[str, int, str]] = ()) -> list[Path]:
+    out = runs_dir() / "sweeps" / sweep.name
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv = out / "summary.md", out / "summary.csv"
+    why = "".join(f"- {lv}, seed {sd}: {reason}\n" for lv, sd, reason in failed)
+    md.write_text(f"# {sweep.name}\n\n{format_summary(table, sweep)}\n" + (f"\n## Failed cells\n\n{why}" if failed else ""))
+    table.to_csv(csv, index=False)
+    return [md, csv]

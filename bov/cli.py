@@ -73,7 +73,8 @@ def train(
     """Train one variant to its budget, tracked in MLflow."""
     import json
 
-    from bov.data import DataError, check_source, check_vocab
+    from bov.data import DataError
+    from bov.sources import check_source, check_vocab
     from bov.paths import tracking_uri
     from bov.tracking import check_tracking_uri
     from bov.train import Diverged, check_compile, check_trainer, run_training
@@ -121,7 +122,8 @@ def prepare_cmd(
 ) -> None:
     """Tokenize a corpus once: the tokenizer and token streams every run, budget and sweep cell then reuses."""
     from bov.budget import model_shape, plan_budget, world_size
-    from bov.data import DataError, check_source, prepare
+    from bov.data import DataError, prepare
+    from bov.sources import check_source
 
     cfg = load_or_exit(preset, variant, set_)
     try:
@@ -310,7 +312,7 @@ def eval_cmd(
         names = [n for n, _ in texts]
         if len(set(names)) < len(names):
             fail(f"--data: two texts are named {max(names, key=names.count)!r}; name them (NAME=SOURCE)")
-        from bov.data import check_source
+        from bov.sources import check_source
         from bov.config import DataConfig
 
         for _, source in texts:
@@ -353,7 +355,7 @@ def probe_cmd(
     import json
 
     from bov.config import DataConfig, DataError
-    from bov.data import check_source
+    from bov.sources import check_source
     from bov.evaluate import parse_data_arg
     from bov.figures import probe_figures
     from bov.paths import runs_dir, tracking_uri
@@ -411,7 +413,8 @@ def sweep(
     set_: Optional[List[str]] = SET,
 ) -> None:
     """Run (or continue) an Optuna study over one axis; every trial is an MLflow child run."""
-    from bov.data import DataError, check_source
+    from bov.data import DataError
+    from bov.sources import check_source
     from bov.sweep import format_summary, load_sweep, run_sweep
 
     if workers is None:

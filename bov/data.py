@@ -1,10 +1,7 @@
-"""Text -> byte-level BPE -> packed token streams (memmap) -> a LightningDataModule.
+"""Documents (bov.sources) -> byte-level BPE -> packed token streams (memmap) -> a LightningDataModule.
 
-Sources go through Hugging Face `datasets`: the embedded offline corpus `stdlib`
-(this interpreter's standard-library sources, one document per file, in sorted
-path order), local files (txt, jsonl, parquet; .gz/.xz; globs), or a hub dataset
-id. Train/validation split at document level by a hash of the text, so it is
-deterministic and disjoint. Tokens are packed into one flat uint16/uint32 file per
+The train/validation split is at document level by a hash of the text, so it is deterministic and
+disjoint. Tokens are packed into one flat uint16/uint32 file per
 split, cached under the runs directory by a content hash of (source, tokenizer,
 split settings); the cache is written atomically and verified by checksum, so a
 partial or corrupt cache is rebuilt, never used.
@@ -15,13 +12,9 @@ bits-per-byte is exact: bpb = sum(nats) / (ln 2 * sum(bytes of the predicted tok
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import shutil
-import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,238 +23,14 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from bov.config import DataConfig, DataError, ExperimentConfig
+from bov.config import DataError, ExperimentConfig
 from bov.paths import cache_dir
+from bov.sources import (HASH_BUCKETS, cause_of, check_source, check_split, check_vocab, describe_source, doc_bucket,
+                         drop_cache, load_documents)
 
 BOS = "<|bos|>"
 UNIQUE_SAMPLE_SEED = 20260526  # which windows data.max_unique_tokens keeps: fixed, not the training seed
 TOKENIZER_TRAIN_CHARS = 20_000_000  # BPE merges converge long before this on one corpus
-HASH_BUCKETS = 10_000
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = ("site-packages", "test", "tests", "idlelib", "__pycache__")
-    return sorted(p for p in root.rglob("*.py") if not any(s in p.relative_to(root).parts for s in skip))
-
-
-def _local_files(source: str) -> list[Path]:
-    paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
-        raise DataError(f"data.source: no file matches {source!r}")
-    return paths
-
-
-def _kind(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".xz", ".bz2", ".zst")]
-    ext = suffixes[-1] if suffixes else ""
-    return {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext, "text")
-
-
-FILE_SUFFIXES = (".txt", ".md", ".py", ".json", ".jsonl", ".parquet", ".gz", ".xz", ".bz2", ".zst")
-
-
-def is_local(source: str) -> bool:
-    """stdlib, a path or a glob; anything else (e.g. `org/name`) is a hub dataset id."""
-    return (source == "stdlib" or source.startswith(("/", ".", "~")) or any(c in source for c in "*?[")
-            or source.endswith(FILE_SUFFIXES) or Path(source).exists())
-
-
-def describe_source(source: str) -> dict:
-    """Cheap identity of a source for cache keys: paths, sizes, mtimes (no reading)."""
-    if source == "stdlib":
-        files = stdlib_files()
-        return {"source": "stdlib", "python": sys.version.split()[0],
-                "files": hashlib.sha256("".join(f"{p}:{p.stat().st_size}" for p in files).encode()).hexdigest()}
-    if is_local(source):
-        files = _local_files(source)
-        return {"source": [str(p.resolve()) for p in files],
-                "stat": [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
-    return {"source": source}
-
-
-BYTE_LEVEL_MIN_VOCAB = 257  # 256 byte tokens + BOS
-
-
-def check_vocab(cfg: ExperimentConfig) -> None:
-    """A trained byte-level BPE has at least 257 ids: a smaller model.vocab_size would index past its table."""
-    if cfg.data.tokenizer is None and cfg.model.vocab_size < BYTE_LEVEL_MIN_VOCAB:
-        raise DataError(f"model.vocab_size {cfg.model.vocab_size}: a byte-level BPE needs at least "
-                        f"{BYTE_LEVEL_MIN_VOCAB} ids (256 bytes + BOS)")
-
-
-def check_source(cfg: DataConfig) -> None:
-    """Fail in one line, before any compute, when a source cannot be read."""
-    for key, src in (("data.source", cfg.source), ("data.val_source", cfg.val_source)):
-        if src is None or src == "stdlib":
-            continue
-        if is_local(src):
-            try:
-                files = _local_files(src)
-            except DataError:
-                raise DataError(f"{key}: no file matches {src!r}") from None
-            for f in files:  # an .xz ends with its stream footer: a cut copy is caught without reading it
-                if f.suffix == ".xz" and f.stat().st_size and _tail(f, 2) != b"YZ":
-                    raise DataError(f"{key}: {f} is truncated (no .xz end-of-stream footer)")
-            continue
-        if hub_offline():
-            continue  # the usual cluster setup: datasets reads its own cache and asks no server
-        try:
-            from huggingface_hub import HfApi
-
-            HfApi().dataset_info(src, timeout=10)
-        except Exception as e:  # offline, unknown id, gated: all say the same thing to the user
-            raise DataError(f"{key}: hub dataset {src!r} is not reachable ({type(e).__name__}); give local files "
-                            "instead (a path or glob of .jsonl/.parquet/.txt, compressed or not), or set "
-                            "HF_HUB_OFFLINE=1 to read a dataset already in the datasets cache") from None
-
-
-def _tail(path: Path, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-min(n, path.stat().st_size), os.SEEK_END)
-        return f.read()
-
-
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _cause(e: BaseException) -> str:
-    """The innermost reason of a `datasets` error, in one short line."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def _first_bad_json_line(files: list[str]) -> tuple[str, str] | None:
-    """(file, "line N: why") of the first line that is not one JSON object, or None (say, all are)."""
-    import bz2
-    import gzip
-    import lzma
-
-    opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
-    for f in files:
-        n = 1
-        try:
-            with opener.get(Path(f).suffix, open)(f, "rt", encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if line.strip() and not isinstance(json.loads(line), dict):
-                        return f, f"line {n}: not a JSON object"
-        except (ValueError, EOFError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return f, f"line {n}: {type(e).__name__}: {str(e)[:160]}"
-    return None
-
-
-def _check_text_column(ds, source: str, key: str, field: str) -> None:
-    import datasets
-
-    if isinstance(ds, datasets.Dataset) and len(ds) == 0:
-        raise DataError(f"{key}: {source!r} holds no records")
-    if field not in (ds.column_names or [field]):
-        raise DataError(f"data.text_field: {source!r} has no column {field!r} (columns: {', '.join(ds.column_names)})")
-    if isinstance(ds, datasets.Dataset):  # Arrow knows the column's type and nulls without reading a row
-        import pyarrow.compute as pc
-
-        col = ds.data.column(field)
-        if not (col.type.equals("string") or col.type.equals("large_string") or col.null_count == len(col)):
-            raise DataError(f"{key}: {source!r}: field {field!r} holds {col.type}, not text")
-        if col.null_count:
-            first = pc.index(pc.is_null(col), True).as_py()
-            raise DataError(f"{key}: {source!r}: record {first + 1} has no {field!r} (null)")
-
-
-def load_documents(source: str, cfg: DataConfig, key: str = "data.source"):
-    """A `datasets` Dataset (or IterableDataset when streaming) with one `text` column.
-
-    A file that is not what its name says (binary, not UTF-8, invalid JSON lines, truncated compression),
-    holds no records, or whose text field is missing, null or not text fails here in one line naming the
-    key and the file (and the record)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    if source == "stdlib":
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()]
-        ds = datasets.Dataset.from_dict({"text": texts})
-    elif is_local(source):
-        files = [str(p) for p in _local_files(source)]
-        kind = _kind(Path(files[0]))
-        kwargs = {"sample_by": "document" if cfg.doc_split == "file" else "paragraph"} if kind == "text" else {}
-        logger = datasets.utils.logging.get_logger("datasets")
-        level = logger.level
-        logger.setLevel(100)  # its own report of a bad file is several lines; ours is one
-        try:  # its Arrow cache under BOV_CACHE_DIR, not ~/.cache/huggingface: run state stays where it is told
-            ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming,
-                                       cache_dir=str(cache_dir("datasets")), **kwargs)
-        except Exception as e:
-            if all(Path(f).stat().st_size == 0 for f in files):
-                raise DataError(f"{key}: {source!r} holds no records") from None
-            what = {"json": "JSON lines", "parquet": "Parquet", "text": "UTF-8 text"}[kind]
-            name, why = (files[0] if len(files) == 1 else f"{source!r} ({len(files)} files)"), _cause(e)
-            if kind == "json":
-                name, why = _first_bad_json_line(files) or (name, why)
-            raise DataError(f"{key}: {name} is not readable as {what} ({why})") from None
-        finally:
-            logger.setLevel(level)
-    else:
-        try:
-            ds = datasets.load_dataset(source, cfg.hub_config, split="train", streaming=cfg.streaming)
-        except Exception as e:
-            where = "is not in the datasets cache (HF_HUB_OFFLINE is set)" if hub_offline() else "could not be loaded"
-            raise DataError(f"data.source: hub dataset {source!r} {where} ({type(e).__name__}); give local files "
-                            "instead (a path or glob of .jsonl/.parquet/.txt)") from None
-    plain_text = source == "stdlib" or (is_local(source) and _kind(Path(source)) == "text")
-    field = "text" if plain_text else cfg.text_field  # jsonl, parquet and hub rows name their text field
-    try:
-        _check_text_column(ds, source, key, field)
-    except DataError:
-        if source != "stdlib":
-            drop_cache(ds)
-        raise
-    if field != "text":
-        ds = ds.rename_column(field, "text")
-    keep = ["text"]
-    ds = ds.remove_columns([c for c in (ds.column_names or []) if c not in keep])
-    if cfg.max_docs is not None:
-        ds = ds.take(cfg.max_docs) if not isinstance(ds, datasets.Dataset) else ds.select(range(min(cfg.max_docs, len(ds))))
-    return ds
-
-
-def drop_cache(ds) -> None:
-    """Remove the Arrow cache entry of a Dataset we refuse (an IterableDataset has none)."""
-    import datasets
-
-    if isinstance(ds, datasets.Dataset):
-        for d in {Path(c["filename"]).parent for c in ds.cache_files}:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _check_split(ds, name: str, d: DataConfig, n_docs: int) -> None:
-    """A split with no document, or only empty ones, fails before the tokenizer is trained or anything is packed.
-
-    A stream is not read ahead for this; `_pack` still refuses an empty one."""
-    import datasets
-
-    if not isinstance(ds, datasets.Dataset):
-        return
-    if len(ds) == 0:
-        if name == "val":
-            raise DataError(f"data.val_fraction: no document of {d.source!r} falls in the validation split "
-                            f"({n_docs} documents at val_fraction {d.val_fraction}); give more documents, a larger "
-                            "data.val_fraction, or data.val_source")
-        raise DataError(f"data.source: no document of {d.source!r} is left for training ({n_docs} documents at "
-                        f"val_fraction {d.val_fraction})")
-    if not any(t for batch in ds.iter(batch_size=1024) for t in batch["text"]):
-        key = "data.val_source" if name == "val" and d.val_source else "data.source"
-        raise DataError(f"{key}: every document of the {name} split is empty text")
-
-
-def doc_bucket(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "replace")).digest()[:8], "little") % HASH_BUCKETS
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -342,7 +111,7 @@ def get_tokenizer(cfg: ExperimentConfig, train_texts: Callable[[], Iterator[str]
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:
-            raise DataError(f"data.tokenizer: {path} is not a tokenizers JSON file ({_cause(e)})") from None
+            raise DataError(f"data.tokenizer: {path} is not a tokenizers JSON file ({cause_of(e)})") from None
         if tok.get_vocab_size() > vocab:
             raise DataError(f"data.tokenizer: {path} has {tok.get_vocab_size()} tokens > model.vocab_size {vocab}")
         return tok, path
@@ -514,7 +283,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
                 split["train"], split["val"] = docs, load_documents(d.val_source, d, key="data.val_source")
             try:
                 for name in ("train", "val"):
-                    _check_split(split[name], name, d, len(docs) if hasattr(docs, "__len__") else 0)
+                    check_split(split[name], name, d, len(docs) if hasattr(docs, "__len__") else 0)
             except DataError:
                 for ds in {id(x): x for x in (docs, split["train"], split["val"])}.values():
                     drop_cache(ds)

@@ -72,7 +72,7 @@ def parse_data_arg(arg: str) -> tuple[str, str]:
 def load_text(source: str, name: str, tokenizer, bos_id: int, token_bytes: np.ndarray,
               max_tokens: int | None = None, text_field: str = "text", max_docs: int | None = None) -> Text:
     """Read and tokenize a text source as training packs it (BOS before each document)."""
-    from bov.data import check_source, load_documents
+    from bov.sources import check_source, load_documents
 
     cfg = DataConfig(source=source, text_field=text_field, max_docs=max_docs, streaming=False)
     check_source(cfg)

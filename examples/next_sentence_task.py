@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from bov.config import DataConfig
-from bov.data import load_documents
+from bov.sources import load_documents
 
 
 def items(source: str, n: int, seed: int = 0) -> list[dict]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bov.config import load_config
-from bov.data import DataError, TrainWindows, check_source, doc_bucket, load_documents, prepare
+from bov.data import DataError, TrainWindows, prepare
+from bov.sources import check_source, doc_bucket, load_documents
 
 
 def cfg_for(source, **over):

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from bov.cli import app
 from bov.config import load_config
-from bov.data import stdlib_files
+from bov.sources import stdlib_files
 from bov.evaluate import parse_data_arg, score, text_name, windows
 from bov.infer import generate_text, load_checkpoint
 from bov.train import run_training

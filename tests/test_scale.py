@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import bov.model as M
 from bov.config import load_config
-from bov.data import DataError, check_source, load_documents, prepare
+from bov.data import DataError, prepare
+from bov.sources import check_source, load_documents
 from bov.infer import KVCache, analytic_cache_bytes, cache_lengths, decode_error
 from bov.train import device_peak_flops, run_training
 from conftest import VARIANTS, make

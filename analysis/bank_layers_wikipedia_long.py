@@ -53,11 +53,13 @@ def paired(a: pd.Series, b: pd.Series) -> dict:
 
 rows = []
 short_name = os.environ.get("BOV_SHORT_STUDY", "bank_layers_wikipedia-tiny")
+short_gap = None
 try:
     short = A.load_study(short_name, TRACKING_URI).runs
     final = short.pivot_table(index="seed", columns="level", values=metric)
+    short_gap = final["all"] - final["last_third"]
     rows.append({"where": f"{short_name}, end of run", "tokens": short[short["level"] == "all"]["tokens"].mean(),
-                 **paired(final.get("all", pd.Series(dtype=float)), final.get("last_third", pd.Series(dtype=float)))})
+                 **paired(final["all"], final["last_third"])})
 except Exception as e:  # the short study is context, not this study's result
     print(f"{short_name}: not loaded ({type(e).__name__}: {e})")
 history = out["history"]
@@ -70,10 +72,14 @@ for step, g in along.groupby(level="step"):
 final = runs.pivot_table(index="seed", columns="level", values=metric)
 rows.append({"where": f"{study.name}, end of run", "tokens": runs[runs["level"] == "all"]["tokens"].mean(),
              **paired(final["all"], final["last_third"])})
+if short_gap is not None:  # a seed starts from the same weights and reads the same windows in both studies
+    shift = paired(final["all"] - final["last_third"], short_gap)
+    rows.append({"where": "change of the gap from the short study to this one, paired by seed",
+                 "tokens": np.nan, **shift, "Δ all - last_third": shift["Δ all - last_third"]})
 gap = pd.DataFrame(rows)
 gap.to_csv(OUT / "gap_vs_tokens.csv", index=False)
 shown_gap = gap.assign(
-    **{"tokens (every layer)": gap["tokens"].map(lambda t: f"{t / 1e6:.2f}M")},
+    **{"tokens (every layer)": gap["tokens"].map(lambda t: "" if np.isnan(t) else f"{t / 1e6:.2f}M")},
     **{"Δ all - last_third (95% CI)": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if not np.isnan(lo) else f"{d:+.4f}"
                                       for d, lo, hi in zip(gap["Δ all - last_third"], gap["ci_low"], gap["ci_high"])]},
 )[["where", "tokens (every layer)", "seeds", "Δ all - last_third (95% CI)"]]

@@ -18,8 +18,6 @@
 # Parameters: `BOV_STUDY` (default `bank_layers_wikipedia-tiny`), `MLFLOW_TRACKING_URI`, `BOV_RESULTS_DIR`.
 
 # %%
-import pandas as pd
-
 from bov import analysis as A
 
 study, OUT, TRACKING_URI = A.study_from_environment("bank_layers_wikipedia-tiny")
@@ -50,14 +48,5 @@ vs_last_shown
 # context-free values were worth less than nothing to it.
 
 # %%
-coeffs = A.coefficients(runs)
-coeffs = coeffs[coeffs["coeff"] == "b"]
-order = [lv for lv in study.levels if lv in set(coeffs["level"])] + sorted(set(coeffs["level"]) - set(study.levels))
-gamma = coeffs.pivot_table(index=["level", "seed"], columns="layer", values="value").reindex(
-    [(lv, s) for lv in order for s in seeds if (lv, s) in set(zip(coeffs["level"], coeffs["seed"]))])
-gamma.columns = [f"layer {c}" for c in gamma.columns]
-shown_gamma = gamma.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-(OUT / "coefficients.md").write_text(
-    f"{study.name}: learned coefficient on each bank layer's values after training (init 1)\n\n"
-    + shown_gamma.reset_index().to_markdown(index=False, disable_numparse=True) + "\n")
-shown_gamma
+A.coefficient_table(runs, OUT, f"{study.name}: learned coefficient on each bank layer's values after training "
+                    "(init 1)", order=study.levels)

@@ -95,11 +95,5 @@ shown_gap
 # model switched that layer's attention output off.
 
 # %%
-coeffs = A.coefficients(runs)
-gamma = coeffs[coeffs["coeff"] == "b"].pivot_table(index=["level", "seed"], columns="layer", values="value")
-gamma.columns = [f"layer {c}" for c in gamma.columns]
-shown_gamma = gamma.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-(OUT / "coefficients.md").write_text(
-    f"{study.name}: learned coefficient on each bank layer's values after training (init 1)\n\n"
-    + shown_gamma.reset_index().to_markdown(index=False, disable_numparse=True) + "\n")
-shown_gamma
+A.coefficient_table(runs, OUT, f"{study.name}: learned coefficient on each bank layer's values after training "
+                    "(init 1)", order=study.levels)

@@ -214,6 +214,23 @@ def coefficients(runs: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["level", "seed", "layer", "coeff"], as_index=False, sort=True)["value"].mean()
 
 
+def coefficient_table(runs: pd.DataFrame, out_dir: Path, title: str, order: Sequence[str] = (),
+                      coeff: str = "b") -> pd.DataFrame:
+    """Learned coefficient `coeff` after training, a row per (level, seed) and a column per layer, as shown
+    (two decimals, blank where a layer has none); written to `<out_dir>/coefficients.md` under `title`."""
+    c = coefficients(runs)
+    c = c[c["coeff"] == coeff]
+    levels = [lv for lv in order if lv in set(c["level"])] + sorted(set(c["level"]) - set(order))
+    table = c.pivot_table(index=["level", "seed"], columns="layer", values="value")
+    table = table.reindex([ix for lv in levels for ix in table.index if ix[0] == lv])
+    table.columns = [f"layer {layer}" for layer in table.columns]
+    shown = table.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "coefficients.md").write_text(
+        f"{title}\n\n" + shown.reset_index().to_markdown(index=False, disable_numparse=True) + "\n")
+    return shown
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

@@ -159,6 +159,15 @@ def test_coefficients_are_final_values_per_layer(store):
     assert c[("paired", 1, 3, "b")] == 3.0 and c[("single", 0, 2, "b")] == 1.0
 
 
+def test_coefficient_table_rows_in_study_order_blank_where_a_layer_has_no_bank(tmp_path):
+    runs = pd.DataFrame({"level": ["all", "last", "all"], "seed": [0, 0, 1],
+                         "coeff/layer00/b": [0.031, None, 0.5], "coeff/layer01/b": [1.0, 2.456, 0.25]})
+    shown = A.coefficient_table(runs, tmp_path, "t", order=["last", "all"])
+    assert list(shown.index) == [("last", 0), ("all", 0), ("all", 1)]
+    assert shown.loc[("last", 0)].tolist() == ["", "2.46"] and shown.loc[("all", 0)].tolist() == ["0.03", "1.00"]
+    assert (tmp_path / "coefficients.md").read_text().startswith("t\n\n| level")
+
+
 def test_compare_within_uses_the_baseline_of_the_same_group():
     rows = [("baseline", "1x", 0, 1.50), ("baseline", "1x", 1, 1.52), ("bov", "1x", 0, 1.40), ("bov", "1x", 1, 1.43),
             ("baseline", "0.25x", 0, 1.60), ("baseline", "0.25x", 1, 1.62), ("bov", "0.25x", 0, 1.61),

@@ -324,8 +324,9 @@ def run_training(
     status, error = "FAILED", None
     try:  # from here on, whatever happens, the MLflow run ends with a final status
         logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id) if is_zero else False
+        ckpt_every = cfg.train.ckpt_every or cfg.train.val_every
         ckpt_cb = ModelCheckpoint(dirpath=run_dir, filename="step{step:06d}", save_last=True, save_top_k=0,
-                                  every_n_train_steps=cfg.train.ckpt_every or cfg.train.val_every,
+                                  every_n_train_steps=ckpt_every,
                                   auto_insert_metric_name=False)
         trainer = pl.Trainer(
             accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=cfg.train.devices,
@@ -358,7 +359,7 @@ def run_training(
         else:
             # ModelCheckpoint saves only every n steps: a budget that is no multiple of n would leave last.ckpt
             # short of the trained model, which eval, probe, generate and lm-eval read
-            if not bench and trainer.global_step % (cfg.train.ckpt_every or cfg.train.val_every):
+            if not bench and trainer.global_step % ckpt_every:
                 trainer.save_checkpoint(ckpt)
             if not bench and (getattr(module, "val_metrics", None) is None or trainer.global_step % cfg.train.val_every):
                 trainer.validate(module, datamodule=dm, verbose=False)

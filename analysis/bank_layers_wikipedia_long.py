@@ -23,7 +23,6 @@ import os
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from bov import analysis as A
 
@@ -44,11 +43,10 @@ out["shown"]
 
 # %%
 def paired(a: pd.Series, b: pd.Series) -> dict:
-    d = (a - b).dropna()
-    if len(d) < 2:
-        return {"seeds": len(d), "Δ all - last_third": d.mean() if len(d) else np.nan, "ci_low": np.nan, "ci_high": np.nan}
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return {"seeds": len(d), "Δ all - last_third": d.mean(), "ci_low": d.mean() - half, "ci_high": d.mean() + half}
+    """a - b over the seeds both have, with bov.analysis's interval (paired t)."""
+    both = a.dropna().index.intersection(b.dropna().index)
+    d, lo, hi, _ = A.interval(a[both], b[both], 0.95, 10_000, 0)
+    return {"seeds": len(both), "Δ all - last_third": d, "ci_low": lo, "ci_high": hi}
 
 
 rows = []

@@ -234,7 +234,7 @@ def coefficient_table(runs: pd.DataFrame, out_dir: Path, title: str, order: Sequ
 # ----------------------------------------------------------------------------- statistics
 
 
-def _interval(x: pd.Series, base: pd.Series, confidence: float, n_boot: int, seed: int) -> tuple[float, float, float, str]:
+def interval(x: pd.Series, base: pd.Series, confidence: float, n_boot: int, seed: int) -> tuple[float, float, float, str]:
     """delta = mean(x) - mean(base) and its interval; x and base are indexed by seed."""
     from scipy import stats
 
@@ -271,7 +271,7 @@ def compare(runs: pd.DataFrame, by: str = "level", baseline: str | None = None, 
             if level == baseline:
                 row.update(delta=0.0, ci_low=math.nan, ci_high=math.nan, ci_method="baseline")
             else:
-                d, lo, hi, how = _interval(vals, base, confidence, n_boot, seed)
+                d, lo, hi, how = interval(vals, base, confidence, n_boot, seed)
                 row.update(delta=d, ci_low=lo, ci_high=hi, ci_method=how)
         for col in ("params", "params_non_embedding", "params.bank", "flops_per_token", "tokens", "epochs",
                     "tokens_per_param", "tokens_per_param_non_embedding", "tokens_per_s"):

@@ -30,8 +30,26 @@ from bov.config import ConfigError
 from bov.paths import runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
 from bov.study import SWEEPS_DIR, Sweep, cell_budgets, list_sweeps, load_sweep  # noqa: F401 (re-exported)
-from bov.trials import (FINAL_FAILURE, ERROR_ATTR, failed_cells, format_summary, resumable,  # noqa: F401
-                        sampling, summarize, write_summary)
+from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, changed_cells, failed_cells,  # noqa: F401
+                        format_summary, resumable, sampling, summarize, write_summary)
+
+
+def _refuse_changed_cells(sweep: Sweep, storage, uri: str) -> None:
+    """A study whose finished cells ran another config than its file and presets now give stops here, before
+    any compute: continuing it would mix two recipes in one table."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=sweep.name, storage=storage)
+    except KeyError:  # a new study
+        return
+    changed = changed_cells(sweep, study, study.user_attrs.get(tracking.STUDY_TRACKING_URI, uri))
+    if changed:
+        level, seed, ran, now = changed[0]
+        raise ConfigError(
+            f"{sweep.path}: study {sweep.name} has {len(changed)} finished cell(s) run with another config than "
+            f"its study file and presets now give (level {level} seed {seed}: config {ran}, now {now}); "
+            f"run the new config as a new study (--study NAME), or restore the old one to continue")
 
 
 def _study(sweep: Sweep, storage):
@@ -65,7 +83,7 @@ class Objective:
         tags = {tracking.TAG_STUDY: sweep.name, tracking.TAG_TRIAL: str(trial.number), tracking.TAG_AXIS: spec.axis,
                 tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed), tracking.TAG_SWEEP_FILE: sweep.path.name}
         for k, v in (("axis", spec.axis), ("level", level), ("seed", seed), ("host", socket.gethostname()),
-                     ("pid", os.getpid()), ("run_dir", str(run_dir))):
+                     ("pid", os.getpid()), ("run_dir", str(run_dir)), (CONFIG_HASH_ATTR, cfg.config_hash())):
             trial.set_user_attr(k, v)
         keep = json.loads((run_dir / "run.json").read_text())["run_id"] if resume else None
         cell = {tracking.TAG_STUDY: sweep.name, tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed)}
@@ -258,6 +276,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet()
     st = open_storage(url, heartbeat)
+    _refuse_changed_cells(sweep, st, uri)
 
     # data once, here, so that workers only read caches (the largest budget of any cell); and every
     # cell's data regime (data.max_unique_tokens against the stream) checked before any training

@@ -16,6 +16,7 @@ from bov.paths import runs_dir
 from bov.study import SearchParam, Sweep
 
 FINAL_FAILURE, ERROR_ATTR = "bov.final_failure", "bov.error"  # trial attributes: failed on its own, and why
+CONFIG_HASH_ATTR = "bov.config_hash"  # trial attribute: ExperimentConfig.config_hash() of the config it ran
 MAX_ATTEMPTS = 3  # --retry-failed runs a failed cell again until it has failed on its own this many times
 
 
@@ -82,6 +83,35 @@ def cell_states(study, retry_failed: bool = False) -> dict[tuple[str, int], str]
         if rank[s] > rank.get(states.get(cell, ""), 0):
             states[cell] = s
     return states
+
+
+def changed_cells(sweep: Sweep, study, tracking_uri: str | None) -> list[tuple[str, int, str, str]]:
+    """(level, seed, hash it ran, hash now) of the grid's completed cells whose config differs from what the
+    study file and presets give that cell today. Continuing such a study would put two recipes in one table
+    as if they were one. Trials from before the hash was recorded are read back from their MLflow run's tag."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    from bov import tracking
+
+    if sweep.spec.sampler != "grid":  # a TPE trial's config is its sampled point: nothing to compare against
+        return []
+    now = {(c.level, c.seed): c.cfg.config_hash() for c in sweep.cells}
+    client = mlflow.MlflowClient(tracking_uri) if tracking_uri else None
+    changed = []
+    for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]):
+        cell = cell_of(t)
+        if cell not in now:
+            continue
+        ran = t.user_attrs.get(CONFIG_HASH_ATTR)
+        if ran is None and client is not None and t.user_attrs.get(tracking.TRIAL_RUN_ID):
+            try:
+                ran = client.get_run(t.user_attrs[tracking.TRIAL_RUN_ID]).data.tags.get(tracking.TAG_CONFIG_HASH)
+            except mlflow.exceptions.MlflowException:  # its run was deleted: nothing to compare against
+                ran = None
+        if ran is not None and ran != now[cell]:
+            changed.append((*cell, ran, now[cell]))
+    return sorted(changed, key=lambda c: (c[0], c[1]))
 
 
 # ----------------------------------------------------------------------------- grid and TPE

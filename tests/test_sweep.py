@@ -624,3 +624,46 @@ def test_a_kill_between_a_cells_run_and_its_trial_record_leaves_the_cell_one_run
     assert_each_cell_once(runs, "mini-micro", {("none", 0)})
     parent = [r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep"]
     assert [r.info.status for r in parent] == ["FINISHED"]  # the killed sweep's parent run, ended by the re-run
+
+
+def test_a_study_whose_finished_cells_ran_another_config_is_refused_before_compute(tmp_path):
+    """A preset or study file changed after some cells ran: continuing would have put two recipes in one
+    table under one level name. The sweep stops in one line (exit 2) before any data or training, and older
+    trials without the recorded hash are read back from their MLflow run."""
+    from optuna.trial import TrialState, create_trial
+
+    from bov import tracking
+    from bov.trials import CONFIG_HASH_ATTR, changed_cells
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    path = write_sweep(tmp_path, levels=["none", "last_third"], seeds=[0])
+    ran = load_sweep(path)
+    study = optuna.create_study(study_name=ran.name, storage=f"sqlite:///{runs / 'optuna.db'}")
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    old_run = client.create_run(tracking.ensure_experiment(ran.name, uri),
+                                tags={tracking.TAG_CONFIG_HASH: ran.cell("last_third", 0).cfg.config_hash()})
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=2.0, system_attrs={"fixed_params": {"level": "none", "seed": 0}},
+                                 user_attrs={CONFIG_HASH_ATTR: ran.cell("none", 0).cfg.config_hash()}))
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=1.9, system_attrs={"fixed_params": {"level": "last_third", "seed": 0}},
+                                 user_attrs={tracking.TRIAL_RUN_ID: old_run.info.run_id}))
+    assert changed_cells(ran, study, uri) == []
+    assert changed_cells(load_sweep(path, seeds=[0, 1]), study, uri) == []  # more seeds is not a change
+
+    write_sweep(tmp_path, levels={"none": {"model.bank_layers": "none"},  # one level's recipe changes
+                                  "last_third": {"model.bank_layers": "last_third", "train.lr_bank": 0.01}}, seeds=[0])
+    now = load_sweep(path)
+    assert changed_cells(now, study, uri) == [
+        ("last_third", 0, ran.cell("last_third", 0).cfg.config_hash(), now.cell("last_third", 0).cfg.config_hash())]
+    write_sweep(tmp_path, levels=["none", "last_third"], seeds=[0], overrides={"train.lr_matrix": 0.01})  # every level's
+    assert [c[:2] for c in changed_cells(load_sweep(path), study, uri)] == [("last_third", 0), ("none", 0)]
+
+    cache = tmp_path / "cache"
+    r = subprocess.run([*BOV, "sweep", str(path)], capture_output=True, text=True, timeout=HANG,
+                       env=dict(env_with(runs), BOV_CACHE_DIR=str(cache)))
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert str(path) in line and "2 finished cell(s) run with another config" in line and "--study" in line
+    assert not cache.exists() and len(study_of(runs, ran.name).trials) == 2  # no data made, nothing claimed
+    assert [r.info.run_id for r in all_runs(runs, ran.name)] == [old_run.info.run_id]

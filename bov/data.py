@@ -26,7 +26,7 @@ import torch
 from bov.config import DataError, ExperimentConfig
 from bov.paths import cache_dir
 from bov.sources import (HASH_BUCKETS, cause_of, check_source, check_split, check_vocab, describe_source, doc_bucket,
-                         drop_cache, load_documents)
+                         drop_cache, load_documents, sha256_file)
 
 BOS = "<|bos|>"
 UNIQUE_SAMPLE_SEED = 20260526  # which windows data.max_unique_tokens keeps: fixed, not the training seed
@@ -168,14 +168,6 @@ class TokenStream:
         return TokenStream(self.path, n, n_bytes, 0, self.dtype, complete=False)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_cached(bin_path: Path) -> TokenStream | None:
     meta_path = bin_path.with_suffix(".json")
     if not (bin_path.is_file() and meta_path.is_file()):
@@ -183,7 +175,7 @@ def _load_cached(bin_path: Path) -> TokenStream | None:
     try:
         meta = json.loads(meta_path.read_text())
         itemsize = np.dtype(meta["dtype"]).itemsize
-        if bin_path.stat().st_size != meta["n_tokens"] * itemsize or _sha256_file(bin_path) != meta["sha256"]:
+        if bin_path.stat().st_size != meta["n_tokens"] * itemsize or sha256_file(bin_path) != meta["sha256"]:
             return None
         return TokenStream(bin_path, meta["n_tokens"], meta["n_bytes"], meta["n_docs"], meta["dtype"],
                            meta.get("complete", True))
@@ -222,7 +214,7 @@ def _pack(docs, tok, bos_id: int, bin_path: Path, num_proc: int, max_tokens: int
         tmp.unlink()
         raise DataError(f"data.source: split {bin_path.stem!r} is empty after tokenization")
     meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_docs": n_docs, "dtype": np.dtype(dtype).name,
-            "sha256": _sha256_file(tmp), "complete": complete}
+            "sha256": sha256_file(tmp), "complete": complete}
     os.replace(tmp, bin_path)  # data first, then the meta that vouches for it
     _atomic_write_text(bin_path.with_suffix(".json"), json.dumps(meta))
     return TokenStream(bin_path, n_tokens, n_bytes, n_docs, meta["dtype"], complete)

@@ -129,3 +129,34 @@ def test_streaming_packs_only_the_budget(tmp_path, runs):
     again = prepare(cfg, stream_tokens=3000, log=said.append)
     assert said == [] and again.train.n_tokens == 3000
     assert np.array_equal(np.array(again.train.array())[:3000], np.array(bigger.train.array())[:3000])
+
+
+def test_a_fresh_copy_of_the_same_corpus_keeps_its_caches_and_an_edit_rebuilds_them(tmp_path, runs, monkeypatch):
+    """Caches are keyed by the corpus's bytes, not its mtimes: a data folder provisioned afresh (new mtimes,
+    same bytes) once cost every session a new tokenizer and token streams; an edit is still seen."""
+    import os
+    import shutil
+
+    words = " ".join(f"w{i % 97}" for i in range(4000))
+    for i in range(40):
+        (tmp_path / f"a{i:02d}.txt").write_text(f"doc {i} {words}\n")
+    over = {"model.vocab_size": 300, "data.val_fraction": 0.2}
+    first = prepare(cfg_for(tmp_path / "a*.txt", **over), log=lambda m: None)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in sorted(tmp_path.glob("a*.txt")):
+        shutil.copy(f, copy / f.name)  # bytes only: new mtimes
+        os.utime(copy / f.name, ns=(1, 1))
+
+    def no_read(*a, **k):
+        raise AssertionError("the corpus was read although the same bytes are cached")
+
+    with monkeypatch.context() as m:
+        m.setattr("bov.data.load_documents", no_read)
+        again = prepare(cfg_for(copy / "a*.txt", **over), log=lambda m: None)
+    assert again.fingerprint == first.fingerprint and again.train.n_tokens == first.train.n_tokens
+
+    edited = copy / "a03.txt"
+    edited.write_text(edited.read_text().replace("doc 3", "doc X"))  # same size, new bytes
+    changed = prepare(cfg_for(copy / "a*.txt", **over), log=lambda m: None)
+    assert changed.fingerprint != first.fingerprint

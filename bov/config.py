@@ -295,6 +295,7 @@ class TrackingConfig(_Section):
 
 
 # (section, key, default) of keys added after runs were made: hashed only when set away from the default.
+# A new key belongs here, or every study made before it is refused by `bov sweep` (bov.trials.changed_cells).
 _ADDED_AT_DEFAULT = (("model", "residual_init", "scaled"), ("model", "unembedding_init_std", None))
 
 

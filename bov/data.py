@@ -26,7 +26,7 @@ import torch
 from bov.config import DataError, ExperimentConfig
 from bov.paths import cache_dir
 from bov.sources import (HASH_BUCKETS, cause_of, check_source, check_split, check_vocab, describe_source, doc_bucket,
-                         drop_cache, load_documents, sha256_file)
+                         drop_cache, load_documents, remember_digests, sha256_file)
 
 BOS = "<|bos|>"
 UNIQUE_SAMPLE_SEED = 20260526  # which windows data.max_unique_tokens keeps: fixed, not the training seed
@@ -305,6 +305,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
             log(f"tokenizing {name} split of {d.val_source if name == 'val' and d.val_source else d.source} -> {path}")
             stream = _pack(docs, tok, bos_id, path, d.num_proc or os.cpu_count() or 1, limits[name])
         streams[name] = stream.head(limits[name], token_bytes)
+    remember_digests()
     return PreparedData(streams["train"], streams["val"], token_bytes, tok_path, fingerprint, bos_id)
 
 

@@ -65,22 +65,34 @@ def describe_source(source: str) -> dict:
     return {"source": source}
 
 
+_UNSAVED_DIGESTS: dict[Path, str] = {}  # memo file -> digest, computed in this process, saved by remember_digests
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, read once per (path, size, mtime) and remembered under the cache dir.
 
     Keyed by content rather than by mtime, because a corpus copied afresh (a re-provisioned data folder,
     `cp` without -p) keeps its bytes but not its mtimes: its tokenizer and token streams must not be built
-    again. One read of the file per new mtime is the price (about 0.1 s per 30 MB here)."""
+    again. One read of the file per new mtime is the price (about 0.1 s per 30 MB here). The memo is written
+    by `remember_digests` once the corpus has proved usable, so a refused corpus leaves no file behind."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]
     memo = cache_dir("digests") / f"{key}.sha256"
+    if memo in _UNSAVED_DIGESTS:
+        return _UNSAVED_DIGESTS[memo]
     if memo.is_file():
         return memo.read_text().strip()
-    digest = sha256_file(path)
-    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)  # never a half-written digest
-    return digest
+    _UNSAVED_DIGESTS[memo] = sha256_file(path)
+    return _UNSAVED_DIGESTS[memo]
+
+
+def remember_digests() -> None:
+    """Save the digests this process computed (bov.data.prepare calls it once its caches stand)."""
+    while _UNSAVED_DIGESTS:
+        memo, digest = _UNSAVED_DIGESTS.popitem()
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)  # never a half-written digest
 
 
 def sha256_file(path: Path) -> str:

@@ -137,11 +137,15 @@ def test_a_fresh_copy_of_the_same_corpus_keeps_its_caches_and_an_edit_rebuilds_t
     import os
     import shutil
 
+    monkeypatch.delenv("BOV_CACHE_DIR", raising=False)  # this test's own cache, so its digests can be counted
     words = " ".join(f"w{i % 97}" for i in range(4000))
     for i in range(40):
         (tmp_path / f"a{i:02d}.txt").write_text(f"doc {i} {words}\n")
     over = {"model.vocab_size": 300, "data.val_fraction": 0.2}
     first = prepare(cfg_for(tmp_path / "a*.txt", **over), log=lambda m: None)
+    from bov.paths import cache_dir
+
+    assert len(list(cache_dir("digests").glob("*.sha256"))) == 40  # each file read once, remembered
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in sorted(tmp_path.glob("a*.txt")):

@@ -73,7 +73,7 @@ rows.append({"where": f"{study.name}, end of run", "tokens": runs[runs["level"] 
 if short_gap is not None:  # a seed starts from the same weights and reads the same windows in both studies
     shift = paired(final["all"] - final["last_third"], short_gap)
     rows.append({"where": "change of the gap from the short study to this one, paired by seed",
-                 "tokens": np.nan, **shift, "Δ all - last_third": shift["Δ all - last_third"]})
+                 "tokens": np.nan, **shift})
 gap = pd.DataFrame(rows)
 gap.to_csv(OUT / "gap_vs_tokens.csv", index=False)
 shown_gap = gap.assign(

@@ -111,7 +111,7 @@ def changed_cells(sweep: Sweep, study, tracking_uri: str | None) -> list[tuple[s
                 ran = None
         if ran is not None and ran != now[cell]:
             changed.append((*cell, ran, now[cell]))
-    return sorted(changed, key=lambda c: (c[0], c[1]))
+    return sorted(changed)
 
 
 # ----------------------------------------------------------------------------- grid and TPE

@@ -68,6 +68,8 @@ def train(
     variant: str = VARIANT,
     set_: Optional[List[str]] = SET,
     resume: bool = typer.Option(False, "--resume", help="continue the same run from its last checkpoint"),
+    wait: bool = typer.Option(False, "--wait", help="when another process is writing this run, wait for it to "
+                              "end (default: refuse)"),
     json_out: bool = typer.Option(False, "--json", help="print a one-line JSON summary last"),
 ) -> None:
     """Train one variant to its budget, tracked in MLflow."""
@@ -92,9 +94,11 @@ def train(
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     log = (lambda msg: typer.echo(msg, err=True)) if json_out else typer.echo
+    from bov.paths import StoreError
+
     try:
-        summary = run_training(cfg, resume=resume, log=log)
-    except DataError as e:  # what the data files hold, found as they are read (before any training)
+        summary = run_training(cfg, resume=resume, log=log, wait=wait)
+    except (DataError, StoreError) as e:  # the data, or the run's own state, found as they are read (before training)
         fail(str(e))
     except (Diverged, FileNotFoundError, ValueError) as e:
         fail(str(e), code=1)
@@ -241,6 +245,17 @@ def generate(
     typer.echo(prompt + text)
 
 
+def _store() -> str:
+    """The MLflow store this command reads or writes, checked first: a damaged, foreign or other-version store
+    is one line (StoreError, bov.cli.main)."""
+    from bov.paths import tracking_uri
+    from bov.tracking import check_tracking_uri
+
+    uri = tracking_uri()
+    check_tracking_uri(uri)
+    return uri
+
+
 def _device(device: str) -> str:
     import torch
 
@@ -304,7 +319,7 @@ def eval_cmd(
         fail("give --data [NAME=]SOURCE (a text to score) or --tasks NAME[,NAME]")
     if include_path is not None and not include_path.is_dir():
         fail(f"--include-path: no directory at {include_path}")
-    uri = tracking_uri()
+    uri = _store() if study or not no_log else tracking_uri()
     found = _checkpoints(checkpoint, study, uri)
     device = _device(device)
     try:
@@ -361,7 +376,7 @@ def probe_cmd(
     from bov.paths import runs_dir, tracking_uri
     from bov.probe import probe_checkpoints
 
-    uri = tracking_uri()
+    uri = _store() if study or not no_log else tracking_uri()
     try:
         name, source = parse_data_arg(data)
         check_source(DataConfig(source=source))
@@ -463,9 +478,15 @@ def figures(
     from bov import analysis as A
     from bov.paths import runs_dir, tracking_uri
 
+    from bov.tracking import check_tracking_uri
+
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
         fail(f"no MLflow store at {uri}; run `make sweep` first (or set MLFLOW_TRACKING_URI)")
+    check_tracking_uri(uri)
+    from bov.tracking import relocate_artifacts
+
+    relocate_artifacts(uri)  # a runs dir copied from elsewhere: its study definitions are read from here
     names = study or A.sweep_experiments(uri)
     if not names:
         fail(f"no sweep in the MLflow store {uri}; run `make sweep` first (or pass --study)")
@@ -510,7 +531,7 @@ def sweeps() -> None:
 def main() -> None:
     """The `bov` command: the app, with a mistyped command line and run-state directories that cannot be used
     reported in one line, as every other bad input."""
-    from bov.paths import StateDirError
+    from bov.paths import StateDirError, StoreError
 
     def is_a(e: BaseException, name: str) -> bool:  # click's classes, whether typer vendors click or not
         return any(c.__name__ == name for c in type(e).__mro__)
@@ -520,7 +541,7 @@ def main() -> None:
     except typer.Abort:
         typer.echo("error: aborted", err=True)
         code = 1
-    except StateDirError as e:  # raised wherever a command first touches the runs dir
+    except (StateDirError, StoreError) as e:  # wherever a command first touches the runs dir or opens a store
         typer.echo(f"error: {e}", err=True)
         code = 2
     except Exception as e:

@@ -8,6 +8,10 @@ partial or corrupt cache is rebuilt, never used.
 
 Every stream keeps the exact UTF-8 byte count of each token id, so validation
 bits-per-byte is exact: bpb = sum(nats) / (ln 2 * sum(bytes of the predicted tokens)).
+
+What a run was trained on is its `PreparedData.identity` (corpus bytes, tokenizer, the token streams it reads);
+checkpoints and studies record it, and `prepare(expect=...)` refuses, at the first stage that differs and before
+the next one is built, to serve a run or a study other data than it recorded.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import torch
 
 from bov.config import DataError, ExperimentConfig
 from bov.paths import cache_dir
-from bov.sources import (HASH_BUCKETS, cause_of, check_source, check_split, check_vocab, describe_source, doc_bucket,
-                         drop_cache, load_documents, remember_digests, sha256_file)
+from bov.sources import (HASH_BUCKETS, arrow_damage, cause_of, check_source, check_split, check_vocab, describe_source,
+                         doc_bucket, drop_cache, load_documents, remember_digests, sha256_file)
 
 BOS = "<|bos|>"
+PACK_FORMAT = 1  # how _pack lays out a stream; a cache of another format is rebuilt, never read as this one
 UNIQUE_SAMPLE_SEED = 20260526  # which windows data.max_unique_tokens keeps: fixed, not the training seed
 TOKENIZER_TRAIN_CHARS = 20_000_000  # BPE merges converge long before this on one corpus
 
@@ -153,6 +158,7 @@ class TokenStream:
     n_docs: int
     dtype: str
     complete: bool = True
+    sha256: str = ""  # of the tokens this view holds: what a run's data identity records
 
     def array(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
@@ -164,8 +170,10 @@ class TokenStream:
         """The first n tokens (all when n is None or the stream is shorter), with their exact byte count."""
         if n is None or n >= self.n_tokens:
             return self
-        n_bytes = int(token_bytes[np.asarray(self.array()[:n])].sum())
-        return TokenStream(self.path, n, n_bytes, 0, self.dtype, complete=False)
+        head = np.asarray(self.array()[:n])
+        n_bytes = int(token_bytes[head].sum())
+        return TokenStream(self.path, n, n_bytes, 0, self.dtype, complete=False,
+                           sha256=hashlib.sha256(head.tobytes()).hexdigest())
 
 
 def _load_cached(bin_path: Path) -> TokenStream | None:
@@ -174,11 +182,13 @@ def _load_cached(bin_path: Path) -> TokenStream | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
+        if meta.get("format", 1) != PACK_FORMAT:  # written by a bov that packed otherwise
+            return None
         itemsize = np.dtype(meta["dtype"]).itemsize
         if bin_path.stat().st_size != meta["n_tokens"] * itemsize or sha256_file(bin_path) != meta["sha256"]:
             return None
         return TokenStream(bin_path, meta["n_tokens"], meta["n_bytes"], meta["n_docs"], meta["dtype"],
-                           meta.get("complete", True))
+                           meta.get("complete", True), meta["sha256"])
     except (ValueError, KeyError, OSError):
         return None
 
@@ -214,10 +224,37 @@ def _pack(docs, tok, bos_id: int, bin_path: Path, num_proc: int, max_tokens: int
         tmp.unlink()
         raise DataError(f"data.source: split {bin_path.stem!r} is empty after tokenization")
     meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_docs": n_docs, "dtype": np.dtype(dtype).name,
-            "sha256": sha256_file(tmp), "complete": complete}
+            "sha256": sha256_file(tmp), "complete": complete, "format": PACK_FORMAT}
     os.replace(tmp, bin_path)  # data first, then the meta that vouches for it
     _atomic_write_text(bin_path.with_suffix(".json"), json.dumps(meta))
-    return TokenStream(bin_path, n_tokens, n_bytes, n_docs, meta["dtype"], complete)
+    return TokenStream(bin_path, n_tokens, n_bytes, n_docs, meta["dtype"], complete, meta["sha256"])
+
+
+# ----------------------------------------------------------------------------- what a run was trained on
+
+# The stages of a run's data identity, in the order prepare builds them, and how a refusal names each.
+IDENTITY_STAGES = {"corpus": "corpus (the bytes of data.source and data.val_source, and the split settings)",
+                   "tokenizer": "tokenizer", "train": "training token stream", "val": "validation token stream",
+                   "fingerprint": "data fingerprint"}
+
+
+class DataDrift(DataError):
+    """A run or a study would continue on other data than it recorded."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A data identity that a checkpoint or a study recorded, whom it belongs to, and what the user can do."""
+
+    owner: str  # e.g. "--resume: the run in runs/train/tiny-bov-1c9e"
+    identity: dict
+    advice: str  # e.g. "restore the data it was trained on, or start a new run (without --resume)"
+
+    def check(self, stage: str, now: str) -> None:
+        was = self.identity.get(stage)
+        if was is not None and was != now:
+            raise DataDrift(f"{self.owner} was trained on another {IDENTITY_STAGES[stage]}: recorded {was[:16]}, "
+                            f"now {now[:16]}; {self.advice}")
 
 
 @dataclass
@@ -228,6 +265,7 @@ class PreparedData:
     tokenizer_path: Path
     fingerprint: str  # identifies (source, tokenizer, split settings)
     bos_id: int
+    identity: dict  # IDENTITY_STAGES -> digest: what a run on this data is trained on
 
     def check_windows(self, seq_len: int) -> None:
         """Each split holds at least one window of seq_len + 1 tokens: said before a run is opened."""
@@ -244,13 +282,18 @@ class PreparedData:
         return float(-logp[val].sum() / self.token_bytes[val].sum())
 
 
-def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) -> PreparedData:
+def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
+            expect: tuple[Recorded, ...] | list[Recorded] = ()) -> PreparedData:
     """Build (or reuse) the tokenizer and the packed train/val streams for a config.
 
     Streams are cached by (source, tokenizer, split settings), never by budget. With `data.streaming`
     the train split packs `stream_tokens` tokens (what the run's budget reads); a cached stream at least
     that long serves the run (as its first `stream_tokens` tokens, so what a run reads does not depend
     on what was cached before), and only a longer budget packs again.
+
+    `expect`: identities recorded by a checkpoint or a study. Each stage is compared as soon as it is known
+    (the corpus before a tokenizer is trained, the tokenizer before anything is tokenized), and the first
+    difference raises DataDrift.
     """
     d = cfg.data
     check_vocab(cfg)
@@ -260,6 +303,12 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
     src_id = json.dumps({"train": describe_source(d.source), "val": d.val_source and describe_source(d.val_source),
                          **split_key}, sort_keys=True)
     corpus_fp = hashlib.sha256(src_id.encode()).hexdigest()[:16]
+
+    def check(stage: str, now: str) -> None:
+        for rec in expect:
+            rec.check(stage, now)
+
+    check("corpus", corpus_fp)
 
     split: dict = {}
 
@@ -283,13 +332,29 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
                 raise
         return split
 
-    tok, tok_path = get_tokenizer(cfg, lambda: (r["text"] for r in split_docs()["train"]), corpus_fp)
+    def rebuilt(step):
+        """Run a step that reads the datasets' Arrow cache; a damaged entry (cut short, overwritten) is dropped
+        and the step runs once more from the source files, since the cache is derived from them."""
+        try:
+            return step()
+        except Exception as e:
+            if not arrow_damage(e) or not split:
+                raise
+            for ds in list(split.values()):
+                drop_cache(ds)
+            split.clear()
+            log(f"note: the datasets cache of {d.source} was damaged ({cause_of(e)}); rebuilt from the source")
+            return step()
+
+    tok, tok_path = rebuilt(lambda: get_tokenizer(cfg, lambda: (r["text"] for r in split_docs()["train"]), corpus_fp))
     bos_id = tok.token_to_id(BOS)
     if bos_id is None:
         bos_id = tok.get_vocab_size() - 1 if cfg.data.tokenizer else 0
     tok_hash = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+    check("tokenizer", tok_hash)
     key = f"{corpus_fp}:{tok_hash}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    check("fingerprint", fingerprint)
     root = cache_dir("tokens") / fingerprint
     root.mkdir(parents=True, exist_ok=True)
     remove_orphan_tmp(root)
@@ -301,12 +366,16 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print) 
         path = root / f"{name}.bin"
         stream = _load_cached(path)
         if stream is None or not stream.serves(limits[name]):
-            docs = split_docs()[name]  # read (and checked) before we say we tokenize it
+            split_docs()  # read (and checked) before we say we tokenize it
             log(f"tokenizing {name} split of {d.val_source if name == 'val' and d.val_source else d.source} -> {path}")
-            stream = _pack(docs, tok, bos_id, path, d.num_proc or os.cpu_count() or 1, limits[name])
+            stream = rebuilt(lambda: _pack(split_docs()[name], tok, bos_id, path, d.num_proc or os.cpu_count() or 1,
+                                           limits[name]))
         streams[name] = stream.head(limits[name], token_bytes)
+        check(name, streams[name].sha256)
     remember_digests()
-    return PreparedData(streams["train"], streams["val"], token_bytes, tok_path, fingerprint, bos_id)
+    identity = {"corpus": corpus_fp, "tokenizer": tok_hash, "train": streams["train"].sha256,
+                "val": streams["val"].sha256, "fingerprint": fingerprint}
+    return PreparedData(streams["train"], streams["val"], token_bytes, tok_path, fingerprint, bos_id, identity)
 
 
 # ----------------------------------------------------------------------------- loading

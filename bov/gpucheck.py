@@ -56,7 +56,8 @@ def synthetic_data(vocab: int, n_tokens: int = 2_000_000, seed: int = 0):
         streams[name] = TokenStream(path, n, n, 1, "uint16")
     tok = root / "tokenizer.json"
     tok.write_text(Tokenizer(models.BPE()).to_str())
-    return PreparedData(streams["train"], streams["val"], np.ones(vocab, dtype=np.int64), tok, f"synthetic-{vocab}", 0)
+    return PreparedData(streams["train"], streams["val"], np.ones(vocab, dtype=np.int64), tok, f"synthetic-{vocab}", 0,
+                        {"fingerprint": f"synthetic-{vocab}"})
 
 
 def _sync(device) -> None:

@@ -81,7 +81,9 @@ def file_digest(path: Path) -> str:
     if memo in _UNSAVED_DIGESTS:
         return _UNSAVED_DIGESTS[memo]
     if memo.is_file():
-        return memo.read_text().strip()
+        known = memo.read_text(errors="replace").strip()
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return known  # else a damaged memo: read the file again (remember_digests replaces it)
     _UNSAVED_DIGESTS[memo] = sha256_file(path)
     return _UNSAVED_DIGESTS[memo]
 
@@ -157,6 +159,19 @@ def cause_of(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def arrow_damage(e: BaseException) -> bool:
+    """The error, or one that caused it, is Arrow failing to read a file: in bov, a damaged datasets cache entry
+    (the sources themselves are read by datasets' own JSON, text and Parquet readers and checked before)."""
+    import pyarrow
+
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, (pyarrow.lib.ArrowInvalid, pyarrow.lib.ArrowIOError)) and "JSON" not in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def _first_bad_json_line(files: list[str]) -> tuple[str, str] | None:
     """(file, "line N: why") of the first line that is not one JSON object, or None (say, all are)."""
     import bz2
@@ -213,9 +228,16 @@ def load_documents(source: str, cfg: DataConfig, key: str = "data.source"):
         logger = datasets.utils.logging.get_logger("datasets")
         level = logger.level
         logger.setLevel(100)  # its own report of a bad file is several lines; ours is one
+        load = lambda **more: datasets.load_dataset(kind, data_files=files, split="train",  # noqa: E731
+                                                    streaming=cfg.streaming, cache_dir=str(cache_dir("datasets")),
+                                                    **kwargs, **more)
         try:  # its Arrow cache under BOV_CACHE_DIR, not ~/.cache/huggingface: run state stays where it is told
-            ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming,
-                                       cache_dir=str(cache_dir("datasets")), **kwargs)
+            try:
+                ds = load()
+            except Exception as e:  # a damaged cache entry is derived data: build it again from the files, once
+                if not arrow_damage(e):
+                    raise
+                ds = load(download_mode="force_redownload")
         except Exception as e:
             if all(Path(f).stat().st_size == 0 for f in files):
                 raise DataError(f"{key}: {source!r} holds no records") from None

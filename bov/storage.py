@@ -14,9 +14,8 @@ import zlib
 from pathlib import Path
 
 from bov.config import ConfigError
-from bov.paths import runs_dir
+from bov.paths import RunLock, StoreError, runs_dir, sqlite_tables
 from bov.tracking import mark_lost_run
-
 
 
 def default_storage() -> str:
@@ -28,6 +27,12 @@ def normalize_storage(url: str) -> str:
         return "postgresql+psycopg://" + url[len("postgresql://"):]
     if not url.startswith(("sqlite:///", "postgresql+", "mysql")):
         raise ConfigError(f"optuna storage {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DB")
+    if url.startswith("sqlite:///"):  # an existing file must be an Optuna storage: never add tables to another store
+        tables = sqlite_tables(Path(url[len("sqlite:///"):]), "the Optuna storage")
+        if tables and "studies" not in tables:
+            raise StoreError(f"the Optuna storage {url} is a SQLite database but not Optuna's (tables: "
+                             f"{', '.join(sorted(tables)[:4])}); give --storage / BOV_OPTUNA_STORAGE an Optuna "
+                             "storage, or a new file")
     return url
 
 
@@ -97,6 +102,8 @@ def fail_dead_local_trials(study) -> None:
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or pid is None or _alive(pid, t.datetime_start):
             continue
+        if t.user_attrs.get("run_dir") and RunLock.owner(Path(t.user_attrs["run_dir"])):
+            continue  # its run directory still has a live writer: not dead, whatever the pid says
         with contextlib.suppress(UpdateFinishedTrialError):  # the same call optuna's fail_stale_trials makes
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 mark_lost_run(study, t, why=f"process {pid} is gone")
@@ -119,5 +126,6 @@ def open_storage(url: str, heartbeat: int):
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=heartbeat,
                                           grace_period=3 * heartbeat, heartbeat_stale_trial_callback=mark_lost_run)
-    except Exception as e:
-        raise ConfigError(f"optuna storage {url} not usable: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # unreachable, damaged, or of another Optuna version (its message says to upgrade)
+        raise ConfigError(f"optuna storage {url.split('@')[-1]} not usable: {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None

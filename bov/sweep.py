@@ -9,7 +9,9 @@ same command continues the study: finished cells are skipped, a cell whose worke
 stale) or was interrupted is run again, from its last checkpoint when it has one.
 
 State: the Optuna storage (bov.storage), MLflow (bov.tracking), per-cell checkpoints under
-`<runs>/sweeps/<study>/`.
+`<runs>/sweeps/<study>/`. A study records the data identity it was started on (`DATA_ATTR`, per data setting);
+continuing it, or any cell of it, on other data stops before any compute. A cell's run directory has one writer
+(bov.paths.RunLock): a worker takes it before it lets the claim lock go.
 """
 
 from __future__ import annotations
@@ -26,22 +28,65 @@ from pathlib import Path
 from typing import Any
 
 from bov import tracking
-from bov.config import ConfigError
-from bov.paths import runs_dir, tracking_uri
+from bov.config import ConfigError, DataError
+from bov.data import DataDrift, Recorded
+from bov.paths import RunBusy, RunLock, runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
 from bov.study import SWEEPS_DIR, Sweep, cell_budgets, list_sweeps, load_sweep  # noqa: F401 (re-exported)
 from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, changed_cells, failed_cells,  # noqa: F401
                         format_summary, resumable, sampling, summarize, write_summary)
 
 
-def _refuse_changed_cells(sweep: Sweep, storage, uri: str) -> None:
-    """A study whose finished cells ran another config than its file and presets now give stops here, before
-    any compute: continuing it would mix two recipes in one table."""
+DATA_ATTR = "bov.data"  # study attribute: data setting (data_key) -> the data identity its cells are trained on
+
+
+def data_key(cfg) -> str:
+    """One study's data setting: cells that differ only in how much of the stream they may repeat share it."""
+    import hashlib
+
+    return hashlib.sha256(cfg.data.model_dump_json(exclude={"max_unique_tokens"}).encode()).hexdigest()[:16]
+
+
+def _existing(sweep: Sweep, storage):
     import optuna
 
     try:
-        study = optuna.load_study(study_name=sweep.name, storage=storage)
+        return optuna.load_study(study_name=sweep.name, storage=storage)
     except KeyError:  # a new study
+        return None
+
+
+def _records(sweep: Sweep, study, uri: str) -> dict[str, Recorded]:
+    """What the study's cells were trained on, per data setting: its DATA_ATTR, or (studies from before it) the
+    data fingerprint tag of a finished cell's MLflow run."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    owner, advice = (f"{sweep.path}: study {sweep.name}", "restore the data its cells were trained on, or run the "
+                     "new data as a new study (--study NAME)")
+    if study is None:
+        return {}
+    found = dict(study.user_attrs.get(DATA_ATTR) or {})
+    if not found:
+        client = mlflow.MlflowClient(uri)
+        keys = {(c.level, c.seed): data_key(c.cfg) for c in sweep.cells}
+        for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
+            key = keys.get((t.user_attrs.get("level"), t.user_attrs.get("seed")))
+            if key is None or key in found or not t.user_attrs.get(tracking.TRIAL_RUN_ID):
+                continue
+            try:
+                tag = client.get_run(t.user_attrs[tracking.TRIAL_RUN_ID]).data.tags.get(tracking.TAG_DATA)
+            except mlflow.exceptions.MlflowException:
+                continue
+            if tag:
+                found[key] = {"fingerprint": tag}
+    return {k: Recorded(owner, v, advice) for k, v in found.items()}
+
+
+def _refuse_changed_cells(sweep: Sweep, study, uri: str) -> None:
+    """A study whose finished cells ran another config than its file and presets now give stops here, before
+    any compute: continuing it would mix two recipes in one table."""
+    if study is None:
         return
     changed = changed_cells(sweep, study, study.user_attrs.get(tracking.STUDY_TRACKING_URI, uri))
     if changed:
@@ -63,29 +108,53 @@ def _study(sweep: Sweep, storage):
 
 
 class Objective:
-    def __init__(self, sweep: Sweep, lock: ClaimLock, parent_run_id: str, retry_failed: bool, log=print):
+    def __init__(self, sweep: Sweep, lock: ClaimLock, parent_run_id: str, retry_failed: bool, log=print,
+                 records: dict[str, Recorded] | None = None):
         self.sweep, self.lock, self.parent, self.retry_failed, self.log = sweep, lock, parent_run_id, retry_failed, log
         self.kind = sampling(sweep)
+        self.records = records or {}  # data_key -> the study's data identity: every cell is trained on it
+        self.stop: DataError | None = None  # the study's data changed under it: no cell may run
+        self.busy = False  # the last claimed cell had a live writer
 
     def __call__(self, trial) -> float:
-        import optuna
-
-        from bov.train import Diverged, run_training
-
-        sweep, spec = self.sweep, self.sweep.spec
+        self.busy = False
         try:
             level, seed, cfg, run_dir = self.kind.cell(trial)
         except Exception as e:  # final: a cell that cannot even be set up would otherwise be claimed forever
             self._final(trial, f"{type(e).__name__}: {e}")
             self.lock.release()
             raise
+        try:  # the run directory's own lock, taken while no other worker can claim: one writer per cell
+            run_lock = RunLock(run_dir).acquire()
+        except RunBusy as e:  # e.g. a worker whose heartbeat went stale but that still runs: not run twice
+            trial.set_user_attr(ERROR_ATTR, str(e)[:2000])
+            self.log(f"[trial {trial.number}] {level} seed {seed}: {e}; later")
+            self.busy = True
+            self.lock.release()
+            raise
+        try:
+            return self._run(trial, level, seed, cfg, run_dir)
+        finally:
+            run_lock.release()
+
+    def _run(self, trial, level, seed, cfg, run_dir) -> float:
+        import optuna
+
+        from bov.train import Diverged, run_training
+
+        sweep, spec = self.sweep, self.sweep.spec
         resume = self._was_tried(trial, level, seed) and (run_dir / "last.ckpt").is_file() and (run_dir / "run.json").is_file()
         tags = {tracking.TAG_STUDY: sweep.name, tracking.TAG_TRIAL: str(trial.number), tracking.TAG_AXIS: spec.axis,
                 tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed), tracking.TAG_SWEEP_FILE: sweep.path.name}
         for k, v in (("axis", spec.axis), ("level", level), ("seed", seed), ("host", socket.gethostname()),
                      ("pid", os.getpid()), ("run_dir", str(run_dir)), (CONFIG_HASH_ATTR, cfg.config_hash())):
             trial.set_user_attr(k, v)
-        keep = json.loads((run_dir / "run.json").read_text())["run_id"] if resume else None
+        keep = None
+        if resume:
+            try:
+                keep = json.loads((run_dir / "run.json").read_text())["run_id"]
+            except (OSError, ValueError, KeyError, TypeError):  # a damaged state file: the cell starts afresh
+                resume = False
         cell = {tracking.TAG_STUDY: sweep.name, tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed)}
         if tracking.retire_orphan_runs(tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment, cell, keep):
             self.log(f"[trial {trial.number}] removed a run of this cell that a killed worker left RUNNING")
@@ -94,11 +163,17 @@ class Objective:
         pruning = self.kind.pruning(trial)
         self.log(f"[trial {trial.number}] {spec.axis}={level} seed={seed}" + (" (resuming)" if resume else ""))
         t0 = time.time()
+        record = self.records.get(data_key(cfg))
         try:
             summary = run_training(
                 cfg, resume=resume, extra_tags=tags, parent_run_id=self.parent,
                 callbacks=[pruning.callback] if pruning else None, log=lambda *_: None, run_dir=run_dir,
-                on_run_start=lambda run_id: trial.set_user_attr(tracking.TRIAL_RUN_ID, run_id))
+                on_run_start=lambda run_id: trial.set_user_attr(tracking.TRIAL_RUN_ID, run_id),
+                expect=(record,) if record else (), locked=True)
+        except DataDrift as e:  # not the cell's fault: it runs again once the data is restored
+            trial.set_user_attr(ERROR_ATTR, str(e)[:2000])
+            self.stop = e
+            raise
         except Diverged as e:
             self._final(trial, str(e))
             raise
@@ -147,14 +222,16 @@ def _quiet() -> None:
 
 def worker_loop(sweep: Sweep, storage_url: str, heartbeat: int, parent_run_id: str,
                 retry_failed: bool = False, log=print) -> None:
-    """Claim cells until the study is complete; wait while others still run the last ones."""
+    """Claim cells until the study is complete; wait while others still run the last ones. Stops with
+    DataDrift when the study's data changed under it (every later cell would be trained on other data)."""
     import optuna
 
     _quiet()
     storage = open_storage(storage_url, heartbeat)
     study = _study(sweep, storage)
     lock = ClaimLock(storage_url, sweep.name)
-    objective = Objective(sweep, lock, parent_run_id, retry_failed, log)
+    records = _records(sweep, study, tracking_uri(sweep.cells[0].cfg.tracking.tracking_uri))
+    objective = Objective(sweep, lock, parent_run_id, retry_failed, log, records)
     while True:
         lock.acquire()
         try:
@@ -175,6 +252,10 @@ def worker_loop(sweep: Sweep, storage_url: str, heartbeat: int, parent_run_id: s
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
         finally:
             lock.release()
+        if objective.stop is not None:
+            raise objective.stop
+        if objective.busy:
+            time.sleep(heartbeat)
 
 
 def _end_with_parent(parent_pid: int, every: float = 1.0) -> None:
@@ -209,6 +290,9 @@ def _worker_main(index: int, workers: int, sweep: Sweep, storage_url: str, heart
                     log=lambda m: print(f"[worker {index}] {m}", flush=True))
     except KeyboardInterrupt:
         pass
+    except DataError as e:  # one line, as the sweep itself says it
+        print(f"[worker {index}] error: {e}", flush=True)
+        raise SystemExit(2) from None
 
 
 def _forward_sigterm(procs) -> Any:
@@ -247,7 +331,6 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     import optuna
 
     from bov.budget import data_regime
-    from bov.config import DataError
     from bov.data import prepare
 
     if workers < 1:
@@ -276,7 +359,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet()
     st = open_storage(url, heartbeat)
-    _refuse_changed_cells(sweep, st, uri)
+    existing = _existing(sweep, st)
+    _refuse_changed_cells(sweep, existing, uri)
+    records = _records(sweep, existing, uri)
 
     # data once, here, so that workers only read caches (the largest budget of any cell); and every
     # cell's data regime (data.max_unique_tokens against the stream) checked before any training
@@ -284,9 +369,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     most = max(b.tokens for b, _ in shapes)
     prepared: dict[str, Any] = {}
     for c, (budget, params) in zip(sweep.cells, shapes):
-        key = c.cfg.data.model_dump_json(exclude={"max_unique_tokens"})  # a prefix of the same streams
+        key = data_key(c.cfg)  # a prefix of the same streams
         if key not in prepared:
-            prepared[key] = prepare(c.cfg, stream_tokens=most + c.cfg.model.seq_len + 1, log=log)
+            prepared[key] = prepare(c.cfg, stream_tokens=most + c.cfg.model.seq_len + 1, log=log,
+                                    expect=[records[key]] if key in records else [])
         try:
             data_regime(c.cfg, budget, prepared[key].train.n_tokens, params)
         except DataError as e:
@@ -298,6 +384,12 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
                                     pruner=kind.pruner(), direction="minimize", load_if_exists=True)
         parent = study.user_attrs.get(tracking.STUDY_PARENT_RUN)
         client = mlflow.MlflowClient(uri)
+        # what the study's cells are trained on, recorded once (a streaming source's training stream is each
+        # cell's own prefix of it: not recorded)
+        streaming = {data_key(c.cfg): c.cfg.data.streaming for c in sweep.cells}
+        now = {k: {stage: v for stage, v in p.identity.items() if not (stage == "train" and streaming[k])}
+               for k, p in prepared.items()}
+        study.set_user_attr(DATA_ATTR, {**now, **(study.user_attrs.get(DATA_ATTR) or {})})
         if parent is None:
             parent = tracking.create_sweep_run(sweep, uri, tracking.ensure_experiment(sweep.name, uri), url)
             study.set_user_attr(tracking.STUDY_PARENT_RUN, parent)
@@ -342,6 +434,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: runs in flight ended KILLED; re-run the same command to continue")
+    except BaseException:  # e.g. the data changed under the study: the parent run does not stay RUNNING
+        mlflow.MlflowClient(uri).set_terminated(parent, status="FAILED")
+        raise
 
     study = _study(sweep, st)
     complete = kind.complete(study)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from bov.paths import runs_dir
+from bov.paths import StoreError, runs_dir, sqlite_tables, sqlite_value
 
 # ----------------------------------------------------------------------------- names
 
@@ -49,13 +50,29 @@ STUDY_ARTIFACT, SWEEP_ARTIFACT = "study.json", "sweep.yaml"
 STUDY_PARENT_RUN, STUDY_TRACKING_URI, TRIAL_RUN_ID = "mlflow_parent_run_id", "mlflow_tracking_uri", "mlflow_run_id"
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail within seconds, in one line, when an MLflow server cannot be reached (MLflow itself retries for
-    minutes); the embedded SQLite store needs no check."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import os
+MLFLOW_DATABASES = ("postgresql", "mysql", "mssql")  # SQLAlchemy URLs MLflow's tracking store takes
 
+
+def check_tracking_uri(uri: str) -> None:
+    """The MLflow store, in one line (StoreError or ValueError), before anything is written to it: a server that
+    does not answer within seconds (MLflow itself retries for minutes), a SQLite file that is not a database,
+    not MLflow's, or of another MLflow version, a database server that refuses, or a kind bov does not use
+    (MLflow's retired file store)."""
+    scheme = uri.split(":", 1)[0].split("+")[0] if "://" in uri else ""
+    if scheme in ("http", "https"):
+        _check_server(uri)
+    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+        _check_sqlite_store(uri)
+    elif scheme in MLFLOW_DATABASES:
+        _check_database(uri)
+    else:
+        what = "a path: MLflow's retired file store, which" if scheme in ("", "file") else f"a {scheme} URI, which"
+        raise StoreError(f"MLFLOW_TRACKING_URI / tracking.tracking_uri: {uri} is {what} bov does not use; use "
+                         "sqlite:///PATH, a database URL (postgresql://...) or a server (http://HOST:PORT), or "
+                         "unset it for the embedded store under the runs dir")
+
+
+def _check_server(uri: str) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
@@ -63,8 +80,58 @@ def check_tracking_uri(uri: str) -> None:
     try:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:
-        raise ValueError(f"MLFLOW_TRACKING_URI / tracking.tracking_uri: the MLflow server {uri} is not reachable "
+        raise StoreError(f"MLFLOW_TRACKING_URI / tracking.tracking_uri: the MLflow server {uri} is not reachable "
                          f"({type(e).__name__}); start it, or unset the variable to use the embedded store") from None
+
+
+def _check_sqlite_store(uri: str) -> None:
+    path = Path(uri[len("sqlite:///"):])
+    what = "the MLflow store"
+    if not path.exists():
+        return  # new: MLflow creates it (ensure_experiment, one process at a time)
+    with _store_lock(uri):  # not while another bov process migrates a new store through its revisions
+        tables = sqlite_tables(path, what)
+        if not tables:
+            return
+        if "experiments" not in tables or "alembic_version" not in tables:
+            listed = ", ".join(sorted(tables)[:4])
+            raise StoreError(f"{what}: {path} is a SQLite database but not MLflow's (tables: {listed}); point "
+                             "MLFLOW_TRACKING_URI at an MLflow store, or move it away")
+        _check_schema(uri, sqlite_value(path, "SELECT version_num FROM alembic_version"))
+
+
+def _check_schema(uri: str, found: str | None) -> None:
+    import mlflow
+
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision  # MLflow's own check reads the same
+
+        expected = _get_latest_schema_revision()
+    except Exception:  # a private helper: where it moved, MLflow's own check stands
+        return
+    if found != expected:
+        raise StoreError(f"the MLflow store {uri} has schema {found}, MLflow {mlflow.__version__} expects {expected}: "
+                         f"it was written by another MLflow version; back it up and run `mlflow db upgrade {uri}` "
+                         "(an older store), or use the MLflow that wrote it")
+
+
+def _check_database(uri: str) -> None:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            tables = set(sqlalchemy.inspect(conn).get_table_names())
+            found = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() \
+                if "alembic_version" in tables else None
+    except Exception as e:
+        raise StoreError(f"MLFLOW_TRACKING_URI: the database {uri.split('@')[-1]} is not usable "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if tables and "experiments" not in tables:
+        raise StoreError(f"MLFLOW_TRACKING_URI: the database {uri.split('@')[-1]} holds tables but not MLflow's; "
+                         "point it at an MLflow database")
+    if tables:
+        _check_schema(uri.split("@")[-1], found)
 
 
 @contextlib.contextmanager
@@ -86,12 +153,38 @@ def _store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def relocate_artifacts(uri: str) -> int:
+    """An embedded store moved with its runs dir (another path, another machine) still names the old path for
+    its artifacts, and MLflow would write them there, outside the runs dir. Point them at the runs dir the
+    store now sits in (the artifacts moved with it). Returns the number of experiments moved."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:///"):
+        return 0
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    here = (db.parent / "artifacts").as_uri()
+    if db.parent != runs_dir().resolve() or not db.is_file():
+        return 0  # only bov's own store, whose artifacts live beside it
+    with sqlite3.connect(db, timeout=60) as con:
+        try:
+            old = {r[0] for r in con.execute("SELECT artifact_location FROM experiments")}
+        except sqlite3.OperationalError:  # not created yet
+            return 0
+        moved = [o for o in old if o and o.startswith("file://") and o.endswith("/artifacts") and o != here]
+        for o in moved:
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (here, o))
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE artifact_uri LIKE ?",
+                        (here, len(o) + 1, o + "/%"))
+    return len(moved)
+
+
 def ensure_experiment(name: str, uri: str) -> str:
     """The experiment's id, creating it (and the store); with the embedded store, artifacts go under the runs
-    dir too."""
+    dir too (and follow it when it moved)."""
     import mlflow
 
     with _store_lock(uri):
+        relocate_artifacts(uri)
         client = mlflow.MlflowClient(uri)
         exp = client.get_experiment_by_name(name)
         if exp is not None:
@@ -119,18 +212,18 @@ def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- training runs
 
 
-def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data_fingerprint: str, repeated: bool,
+def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict[str, str], repeated: bool,
              state_path: Path, resume: bool = False, extra_tags: dict[str, str] | None = None,
              parent_run_id: str | None = None) -> str:
-    """Create a training run (params, tags, config artifact) and remember its id in `state_path`; on resume,
-    reopen the stored run, keeping why it stopped as `resumed_after_error`."""
+    """Create a training run (params, tags, config artifact) and remember its id (and the data identity it is
+    trained on) in `state_path`; on resume, reopen the stored run, keeping why it stopped as `resumed_after_error`."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(cfg.tracking.experiment, uri)  # first: it creates the store, one at a time
     client = mlflow.MlflowClient(uri)
     if resume and state_path.is_file():
-        run_id = json.loads(state_path.read_text())["run_id"]
+        run_id = resumed_run_id(uri, state_path)
         client.update_run(run_id, status="RUNNING")
         error = client.get_run(run_id).data.tags.get(TAG_ERROR)
         if error:  # the run goes on: keep why it stopped, but not as its error
@@ -140,14 +233,38 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data_finge
             client.set_tag(run_id, k, v)
         return run_id
     tags = {TAG_VARIANT: cfg.variant, TAG_PRESET: cfg.preset, TAG_SEED: str(cfg.train.seed), TAG_GIT: git_commit(),
-            TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATA: data_fingerprint, TAG_REPEATED: str(repeated).lower(),
+            TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATA: data["fingerprint"], TAG_REPEATED: str(repeated).lower(),
             **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
-    state_path.write_text(json.dumps({"run_id": run_id}))
+    tmp = state_path.with_name(f".{state_path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"run_id": run_id, "data": data}))
+    os.replace(tmp, state_path)  # never a half-written run.json
     _log_params(client, run_id, {**cfg.flat(), **params})
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    return run_id
+
+
+def resumed_run_id(uri: str, state_path: Path) -> str:
+    """The MLflow run a run directory continues; a damaged run.json, or a run this store does not hold (a runs
+    dir copied without its store), is one line, and no store is created to find that out."""
+    import mlflow
+
+    try:
+        run_id = json.loads(state_path.read_text())["run_id"]
+        assert isinstance(run_id, str)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise StoreError(f"--resume: {state_path} is damaged (no run id); move the run directory away and start "
+                         "a new run (without --resume)") from None
+    try:
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            raise FileNotFoundError(uri)
+        mlflow.MlflowClient(uri).get_run(run_id)
+    except Exception:
+        raise StoreError(f"--resume: {state_path} continues MLflow run {run_id}, which the store {uri} does not "
+                         "hold (a runs dir moved without its store?); point MLFLOW_TRACKING_URI at the store it "
+                         "was logged to, or start a new run (without --resume)") from None
     return run_id
 
 

@@ -29,11 +29,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from bov import tracking
 from bov.budget import Budget, DataRegime, data_regime, model_shape, plan_budget, world_size  # noqa: F401 (re-exported)
 from bov.config import ExperimentConfig
-from bov.data import PreparedData, TokenDataModule, prepare
+from bov.data import PreparedData, Recorded, TokenDataModule, prepare
 from bov.infer import checkpoint_extras
 from bov.model import build_model
 from bov.optim import build_optimizer
-from bov.paths import cache_dir, runs_dir, tracking_uri
+from bov.paths import RunLock, StoreError, cache_dir, runs_dir, tracking_uri
 from bov.tracking import ensure_experiment, git_commit  # noqa: F401 (re-exported)
 
 
@@ -144,10 +144,10 @@ class LitBoV(pl.LightningModule):
     """Any variant. The step is nanoGPT's loop body; Lightning accumulates, clips, steps and schedules."""
 
     def __init__(self, cfg: ExperimentConfig, budget: Budget, token_bytes: torch.Tensor, tokenizer_json: str | None = None,
-                 peak_flops: float | None = None):
+                 peak_flops: float | None = None, data_identity: dict | None = None):
         super().__init__()
         self.cfg, self.budget = cfg, budget
-        self.tokenizer_json = tokenizer_json
+        self.tokenizer_json, self.data_identity = tokenizer_json, data_identity
         self.peak_flops = peak_flops  # the device's bf16 peak, for MFU (None: unknown device)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model)
@@ -169,7 +169,8 @@ class LitBoV(pl.LightningModule):
         return self.model(ids, targets=targets)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["bov"] = checkpoint_extras(self.cfg, self.tokenizer_json)  # `bov generate` reads it
+        # `bov generate` reads the config and tokenizer; `--resume` refuses other data than `data`
+        checkpoint["bov"] = {**checkpoint_extras(self.cfg, self.tokenizer_json), "data": self.data_identity}
 
     # -- optimizers
     def configure_optimizers(self):
@@ -270,35 +271,83 @@ def run_training(
     run_dir: Path | None = None,
     on_run_start=None,
     bench: bool = False,
+    wait: bool = False,
+    expect: tuple[Recorded, ...] = (),
+    locked: bool = False,
 ) -> dict[str, Any]:
     """Train cfg to its budget; returns the summary dict (also written as final_metrics.json).
 
     `run_dir` (default `<runs>/train/<preset>-<variant>-<hash>`) holds checkpoints and run.json;
     a sweep gives each cell its own. `on_run_start(run_id)` is called once the MLflow run exists.
     `bench=True` (throughput benchmarks) saves no checkpoint and skips the final validation.
+    The run directory has one writer: a second process refuses (RunBusy), or with `wait` waits; `locked` says
+    the caller (a sweep worker) already holds its lock. `expect`: data identities the run must be trained on
+    (a study's); a resumed run also expects its checkpoint's.
     """
+    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / "train" / run_key(cfg)
+    ckpt = run_dir / "last.ckpt"
+    if resume and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+    if locked or rank_zero_only.rank != 0:  # the DDP ranks of one run are one writer, rank 0
+        return _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, on_run_start, bench, expect)
+    with RunLock(run_dir, wait=wait, log=log):
+        return _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, on_run_start, bench, expect)
+
+
+def recorded_data(run_dir: Path, uri: str) -> dict[str, str]:
+    """The data identity a run directory's checkpoint was trained on; an unreadable checkpoint or state file
+    is one line (StoreError). Checkpoints of an older bov carry none: their MLflow run's fingerprint tag stands in."""
+    ckpt, state = run_dir / "last.ckpt", run_dir / "run.json"
+    try:  # mmap: only the small metadata is read, not the tensors
+        extras = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("bov") or {}
+    except Exception as e:
+        raise StoreError(f"--resume: {ckpt} is not a readable checkpoint ({type(e).__name__}); move it away and "
+                         "start a new run (without --resume)") from None
+    if extras.get("data"):
+        return extras["data"]
+    try:
+        run_id = json.loads(state.read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    import mlflow
+
+    try:
+        tag = mlflow.MlflowClient(uri).get_run(run_id).data.tags.get(tracking.TAG_DATA)
+    except Exception:
+        return {}
+    return {"fingerprint": tag} if tag else {}
+
+
+def _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, on_run_start, bench, expect):
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / "train" / run_key(cfg)
     state_path = run_dir / "run.json"
     ckpt = run_dir / "last.ckpt"
     is_zero = rank_zero_only.rank == 0
-    if resume and not ckpt.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    if resume:  # before any data is built: the run's state is readable, and the checkpoint's data is the run's
+        if state_path.is_file():
+            tracking.resumed_run_id(uri, state_path)
+        expect = (*expect, Recorded(f"--resume: the run in {run_dir}", recorded_data(run_dir, uri),
+                                    "restore the data it was trained on, or start a new run (without --resume)"))
     if not resume and is_zero and run_dir.exists():
         for old in run_dir.glob("*.ckpt"):
             old.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    for orphan in run_dir.glob(".*.tmp*"):  # a save that a kill interrupted
+    for orphan in run_dir.glob(".*.tmp*"):  # a save that a kill interrupted (no other writer: we hold the lock)
         orphan.unlink(missing_ok=True)
 
     world = world_size(cfg)
     flops_per_token, params = model_shape(cfg.model)
     budget = plan_budget(cfg, flops_per_token, world)
     # a streaming source packs exactly what the budget reads, plus one window
-    data = data or prepare(cfg, stream_tokens=budget.tokens + cfg.model.seq_len + 1, log=log)
+    if data is not None:
+        for rec in expect:
+            for stage, digest in data.identity.items():
+                rec.check(stage, digest)
+    data = data or prepare(cfg, stream_tokens=budget.tokens + cfg.model.seq_len + 1, log=log, expect=expect)
     data.check_windows(cfg.model.seq_len)
     regime = data_regime(cfg, budget, data.train.n_tokens, params)
     if regime.repeated:  # said before training: repeated data changes what a comparison means
@@ -306,7 +355,6 @@ def run_training(
             f"({regime.epochs:.2f} epochs); tagged data_repeated=true")
 
     peak = cfg.train.peak_flops or device_peak_flops()
-    uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = None
     if is_zero:
         recorded = {"budget.steps": budget.steps, "budget.tokens": budget.tokens,
@@ -314,7 +362,7 @@ def run_training(
                     **{f"params.{k}": v for k, v in params.items()},
                     **{f"regime.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in regime.record().items()}}
         run_id = tracking.open_run(cfg, uri, run_name=cfg.tracking.run_name or run_key(cfg), params=recorded,
-                                   data_fingerprint=data.fingerprint, repeated=regime.repeated, state_path=state_path,
+                                   data=data.identity, repeated=regime.repeated, state_path=state_path,
                                    resume=resume, extra_tags=extra_tags, parent_run_id=parent_run_id)
         log(f"mlflow run {run_id} ({uri})")
         if on_run_start is not None:
@@ -341,7 +389,8 @@ def run_training(
             plugins=[AtomicCheckpointIO()],
             default_root_dir=str(run_dir),
         )
-        module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes), data.tokenizer_path.read_text(), peak)
+        module = LitBoV(cfg, budget, torch.from_numpy(data.token_bytes), data.tokenizer_path.read_text(), peak,
+                        data.identity)
         if cfg.train.compile:
             # compiled kernels are cached with the run state, not in /tmp or ~ (unless the user says where)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("torchinductor")))

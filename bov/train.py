@@ -294,15 +294,23 @@ def run_training(
         return _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, on_run_start, bench, expect)
 
 
-def recorded_data(run_dir: Path, uri: str) -> dict[str, str]:
-    """The data identity a run directory's checkpoint was trained on; an unreadable checkpoint or state file
-    is one line (StoreError). Checkpoints of an older bov carry none: their MLflow run's fingerprint tag stands in."""
+def recorded_data(run_dir: Path, uri: str, cfg: ExperimentConfig) -> dict[str, str]:
+    """The data identity a run directory's checkpoint was trained on. An unreadable checkpoint, or one of
+    another config (copied in from another run), is one line (StoreError). Checkpoints of an older bov carry no
+    data identity: their MLflow run's fingerprint tag stands in."""
     ckpt, state = run_dir / "last.ckpt", run_dir / "run.json"
     try:  # mmap: only the small metadata is read, not the tensors
         extras = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("bov") or {}
     except Exception as e:
         raise StoreError(f"--resume: {ckpt} is not a readable checkpoint ({type(e).__name__}); move it away and "
                          "start a new run (without --resume)") from None
+    try:
+        made_by = ExperimentConfig.model_validate(extras["config"]).config_hash()
+    except Exception:  # no config, or one this bov no longer reads: nothing to compare
+        made_by = None
+    if made_by is not None and made_by != cfg.config_hash():
+        raise StoreError(f"--resume: {ckpt} holds a run of another config ({made_by}; this command's is "
+                         f"{cfg.config_hash()}); move it away, or resume with the command that made it")
     if extras.get("data"):
         return extras["data"]
     try:
@@ -330,7 +338,7 @@ def _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, 
     if resume:  # before any data is built: the run's state is readable, and the checkpoint's data is the run's
         if state_path.is_file():
             tracking.resumed_run_id(uri, state_path)
-        expect = (*expect, Recorded(f"--resume: the run in {run_dir}", recorded_data(run_dir, uri),
+        expect = (*expect, Recorded(f"--resume: the run in {run_dir}", recorded_data(run_dir, uri, cfg),
                                     "restore the data it was trained on, or start a new run (without --resume)"))
     if not resume and is_zero and run_dir.exists():
         for old in run_dir.glob("*.ckpt"):

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
+import lightning.pytorch  # noqa: F401  (imported here, not first inside CliRunner: Lightning's log handler
+import mlflow                # would keep CliRunner's captured stream, closed after that invocation)
 import optuna
 import pytest
 import yaml
@@ -302,8 +303,8 @@ def test_a_bad_optuna_storage_is_one_line_and_stays_untouched(case, tmp_path, mo
 
 
 def test_damaged_run_state_on_resume_is_one_line(tmp_path, monkeypatch):
-    """A checkpoint cut short, a run.json that is not JSON, a runs dir resumed against a store that lacks its
-    run: each one line, exit 2, nothing reopened and no store created."""
+    """A checkpoint cut short, one of another run copied in, a run.json that is not JSON, a runs dir resumed
+    against a store that lacks its run: each one line, exit 2, nothing reopened and no store created."""
     runs, text = tmp_path / "runs", corpus(tmp_path / "text.jsonl", "a")
     args = train_args(text)
     assert cli(runs, monkeypatch, *args)[0] == 0
@@ -313,6 +314,10 @@ def test_damaged_run_state_on_resume_is_one_line(tmp_path, monkeypatch):
 
     ckpt.write_bytes(good_ckpt[: len(good_ckpt) // 3])
     one_line_here(cli(runs, monkeypatch, *args, "--resume"), f"{ckpt} is not a readable checkpoint")
+    assert bov(runs, *args, "-s", "train.seed=1").returncode == 0  # another config, its own run dir
+    (other,) = [p for p in runs.glob("train/*/last.ckpt") if p != ckpt]
+    ckpt.write_bytes(other.read_bytes())  # a checkpoint copied in from another run
+    one_line_here(cli(runs, monkeypatch, *args, "--resume"), f"{ckpt} holds a run of another config")
     ckpt.write_bytes(good_ckpt)
     state.write_text("{damaged")
     one_line_here(cli(runs, monkeypatch, *args, "--resume"), f"{state} is damaged (no run id)")
@@ -321,7 +326,9 @@ def test_damaged_run_state_on_resume_is_one_line(tmp_path, monkeypatch):
     one_line_here(cli(runs, monkeypatch, *args, "--resume", MLFLOW_TRACKING_URI=f"sqlite:///{elsewhere}"),
                   "which the store sqlite:///")
     assert not elsewhere.exists()
-    assert only_run(runs).info.status == "FINISHED"
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    assert {r.info.status for r in client.search_runs([client.get_experiment_by_name("bov").experiment_id])} \
+        == {"FINISHED"}
     code, out = cli(runs, monkeypatch, *args, "--resume")  # all restored: the run continues (at its budget already)
     assert code == 0 and "FINISHED: " in out, out[-2000:]
 

@@ -455,8 +455,8 @@ def sweep(
     typer.echo(f"full results: MLflow experiment {result.name!r} at {result.tracking_uri} (make ui); "
                f"Optuna study {result.name!r} at {result.storage} (make dashboard); "
                f"table: {result.files[0]}")
-    if result.interrupted:
-        raise typer.Exit(130)
+    if result.interrupted:  # the shell's convention: 128 + the signal's number
+        raise typer.Exit(143 if result.interrupted == "SIGTERM" else 130)
     if result.failed:
         lv, sd, why = result.failed[0]
         fail(f"{len(result.failed)} of {len(sw.cells)} cells failed ({lv} seed {sd}: {why}"

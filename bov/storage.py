@@ -23,17 +23,32 @@ def default_storage() -> str:
 
 
 def normalize_storage(url: str) -> str:
+    """The storage URL as SQLAlchemy takes it, once it is known to be an Optuna storage or a new one."""
     if url.startswith("postgresql://"):  # SQLAlchemy's default driver is psycopg2; we ship psycopg 3
-        return "postgresql+psycopg://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if not url.startswith(("sqlite:///", "postgresql+", "mysql")):
         raise ConfigError(f"optuna storage {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DB")
-    if url.startswith("sqlite:///"):  # an existing file must be an Optuna storage: never add tables to another store
-        tables = sqlite_tables(Path(url[len("sqlite:///"):]), "the Optuna storage")
-        if tables and "studies" not in tables:
-            raise StoreError(f"the Optuna storage {url} is a SQLite database but not Optuna's (tables: "
-                             f"{', '.join(sorted(tables)[:4])}); give --storage / BOV_OPTUNA_STORAGE an Optuna "
-                             "storage, or a new file")
+    # an existing database must be an Optuna storage: Optuna would add its tables to any other
+    tables = sqlite_tables(Path(url[len("sqlite:///"):]), "the Optuna storage") if url.startswith("sqlite:///") \
+        else _server_tables(url)
+    if tables and "studies" not in tables:
+        kind = "a SQLite database" if url.startswith("sqlite:///") else "a database"
+        raise StoreError(f"the Optuna storage {url.split('@')[-1]} is {kind} but not Optuna's (tables: "
+                         f"{', '.join(sorted(tables)[:4])}); give --storage / BOV_OPTUNA_STORAGE an Optuna "
+                         "storage, or a new database")
     return url
+
+
+def _server_tables(url: str) -> set[str]:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            return set(sqlalchemy.inspect(conn).get_table_names())
+    except Exception as e:
+        raise ConfigError(f"optuna storage {url.split('@')[-1]} not usable: {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
 
 
 class ClaimLock:

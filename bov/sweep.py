@@ -295,6 +295,21 @@ def _worker_main(index: int, workers: int, sweep: Sweep, storage_url: str, heart
         raise SystemExit(2) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to the sweep process: stops as Ctrl-C does, and `bov sweep` exits 143 rather than 130."""
+
+
+def _by_sigterm(e: BaseException) -> bool:
+    """Whether a stop came from SIGTERM: ours (several workers) or Lightning's (one worker, mid-training)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    while e is not None:
+        if isinstance(e, (Terminated, SIGTERMException)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _forward_sigterm(procs) -> Any:
     """`kill <sweep pid>` reaches only this process: pass SIGTERM on to the workers, then stop as Ctrl-C does.
     Returns the handler it replaced (None off the main thread, where Python cannot set one)."""
@@ -305,7 +320,7 @@ def _forward_sigterm(procs) -> Any:
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
-        raise KeyboardInterrupt
+        raise Terminated
 
     return signal.signal(signal.SIGTERM, handler)
 
@@ -317,7 +332,7 @@ class SweepResult:
     tracking_uri: str
     parent_run_id: str
     complete: bool
-    interrupted: bool
+    interrupted: str | None  # None, or how: "SIGINT" (Ctrl-C) or "SIGTERM"
     failed: list[tuple[str, int, str]]  # (level, seed, reason) of cells that failed on their own
     table: Any  # pandas DataFrame (see summarize)
     trials: dict[str, int]
@@ -404,7 +419,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     log(f"study {sweep.name}: {kind.n_trials} cells, {workers} worker(s); optuna {url}; mlflow {uri} "
         f"(experiment {sweep.name})")
 
-    interrupted = False
+    interrupted = None
     try:
         if workers == 1:
             worker_loop(sweep, url, heartbeat, parent, retry_failed, log)
@@ -431,8 +446,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
             finally:
                 if before is not None:
                     signal.signal(signal.SIGTERM, before)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted = "SIGTERM" if _by_sigterm(e) else "SIGINT"
         log("interrupted: runs in flight ended KILLED; re-run the same command to continue")
     except BaseException:  # e.g. the data changed under the study: the parent run does not stay RUNNING
         mlflow.MlflowClient(uri).set_terminated(parent, status="FAILED")

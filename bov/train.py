@@ -9,10 +9,13 @@ so `--resume` finds them from the same command line and continues the same MLflo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import replace
@@ -121,6 +124,25 @@ def check_loss(loss: float, step: int, vocab_size: int) -> None:
                        f"{math.log(vocab_size):.2f}); stopping (lower the LR?)")
 
 
+@contextlib.contextmanager
+def ctrl_c_after():
+    """Ctrl-C waits for the write in flight: a KeyboardInterrupt inside a SQLite transaction leaves the embedded
+    MLflow store locked, and the run's end could then not be recorded (CI saw "database is locked" once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if held and callable(before):
+            before(signal.SIGINT, None)  # e.g. Python's default handler: KeyboardInterrupt, now
+        elif held and before == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Each checkpoint is written next to its final name, synced, then renamed over it, so a kill mid-save leaves
     the previous checkpoint whole. (Lightning's own save stages the file through fsspec's temp dir, and a move
@@ -224,7 +246,8 @@ class LitBoV(pl.LightningModule):
     def _log(self, metrics: dict[str, float]) -> None:
         # straight to the logger: Lightning's self.log steps by batches, MLflow should step by optimizer steps
         if self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_metrics(metrics, step=self.global_step)
+            with ctrl_c_after():
+                self.logger.log_metrics(metrics, step=self.global_step)
 
     def on_validation_model_eval(self) -> None:
         super().on_validation_model_eval()

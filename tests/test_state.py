@@ -19,6 +19,7 @@ import mlflow                # would keep CliRunner's captured stream, closed af
 import optuna
 import pytest
 import yaml
+from test_sweep import postgres  # noqa: F401  (the fixture: a real PostgreSQL server)
 
 BOV = [sys.executable, "-m", "bov.cli"]
 HANG = 600  # seconds: a guard against a hung child, never a performance budget
@@ -479,3 +480,17 @@ def test_a_runs_dir_copied_elsewhere_resumes_there_and_writes_only_there(tmp_pat
     assert run.info.artifact_uri.startswith((new / "artifacts").as_uri())
     assert {f.path for f in mlflow.MlflowClient(f"sqlite:///{new / 'mlflow.db'}").list_artifacts(run.info.run_id)} \
         >= {"config.yaml", "final_metrics.json"}
+
+
+@pytest.mark.slow  # starts a PostgreSQL server (installing it where it is missing)
+def test_a_postgres_database_that_is_not_optuna_s_is_refused_untouched(postgres, tmp_path, monkeypatch):
+    import sqlalchemy
+
+    url = postgres.replace("postgresql://", "postgresql+psycopg://")
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE notes (x integer)"))
+    one_line_here(cli(tmp_path / "runs", monkeypatch, "sweep", "bank_layers", "--scale", "micro", "--storage", postgres),
+                  "is a database but not Optuna's (tables: notes)")
+    with engine.connect() as conn:
+        assert set(sqlalchemy.inspect(conn).get_table_names()) == {"notes"}  # Optuna added nothing

@@ -477,15 +477,12 @@ def figures(
 
     from bov import analysis as A
     from bov.paths import runs_dir, tracking_uri
-
-    from bov.tracking import check_tracking_uri
+    from bov.tracking import relocate_artifacts
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
         fail(f"no MLflow store at {uri}; run `make sweep` first (or set MLFLOW_TRACKING_URI)")
-    check_tracking_uri(uri)
-    from bov.tracking import relocate_artifacts
-
+    _store()
     relocate_artifacts(uri)  # a runs dir copied from elsewhere: its study definitions are read from here
     names = study or A.sweep_experiments(uri)
     if not names:

@@ -257,6 +257,13 @@ class Recorded:
                             f"now {now[:16]}; {self.advice}")
 
 
+def check_identity(expect, identity: dict[str, str]) -> None:
+    """Each recorded identity against the stages known so far: the first difference raises DataDrift."""
+    for stage, now in identity.items():
+        for rec in expect:
+            rec.check(stage, now)
+
+
 @dataclass
 class PreparedData:
     train: TokenStream
@@ -303,12 +310,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
     src_id = json.dumps({"train": describe_source(d.source), "val": d.val_source and describe_source(d.val_source),
                          **split_key}, sort_keys=True)
     corpus_fp = hashlib.sha256(src_id.encode()).hexdigest()[:16]
-
-    def check(stage: str, now: str) -> None:
-        for rec in expect:
-            rec.check(stage, now)
-
-    check("corpus", corpus_fp)
+    check_identity(expect, {"corpus": corpus_fp})
 
     split: dict = {}
 
@@ -351,10 +353,9 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
     if bos_id is None:
         bos_id = tok.get_vocab_size() - 1 if cfg.data.tokenizer else 0
     tok_hash = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
-    check("tokenizer", tok_hash)
     key = f"{corpus_fp}:{tok_hash}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    check("fingerprint", fingerprint)
+    check_identity(expect, {"tokenizer": tok_hash, "fingerprint": fingerprint})
     root = cache_dir("tokens") / fingerprint
     root.mkdir(parents=True, exist_ok=True)
     remove_orphan_tmp(root)
@@ -371,7 +372,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
             stream = rebuilt(lambda: _pack(split_docs()[name], tok, bos_id, path, d.num_proc or os.cpu_count() or 1,
                                            limits[name]))
         streams[name] = stream.head(limits[name], token_bytes)
-        check(name, streams[name].sha256)
+        check_identity(expect, {name: streams[name].sha256})
     remember_digests()
     identity = {"corpus": corpus_fp, "tokenizer": tok_hash, "train": streams["train"].sha256,
                 "val": streams["val"].sha256, "fingerprint": fingerprint}

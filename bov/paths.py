@@ -98,9 +98,8 @@ class RunLock:
 
     The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a dead owner never
     holds it; the file's text (pid, host, command, since) only names the owner in a refusal, and a clean end
-    removes the file. A second process
-    refuses in one line (RunBusy), or with `wait` waits for the owner to finish. The DDP ranks of one run are
-    one writer: only rank 0 takes the lock. (On NFS, flock is emulated by POSIX locks, which NFS v4 honours
+    removes the file. A second process refuses in one line (RunBusy), or with `wait` waits for the owner to
+    finish. The DDP ranks of one run are one writer: only rank 0 takes the lock. (On NFS, flock is emulated by POSIX locks, which NFS v4 honours
     across machines.)
     """
 

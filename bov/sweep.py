@@ -33,8 +33,8 @@ from bov.data import DataDrift, Recorded
 from bov.paths import RunBusy, RunLock, runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
 from bov.study import SWEEPS_DIR, Sweep, cell_budgets, list_sweeps, load_sweep  # noqa: F401 (re-exported)
-from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, changed_cells, failed_cells,  # noqa: F401
-                        format_summary, resumable, sampling, summarize, write_summary)
+from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_of, changed_cells, failed_cells,  # noqa: F401
+                        format_summary, resumable, run_tag, sampling, summarize, write_summary)
 
 
 DATA_ATTR = "bov.data"  # study attribute: data setting (data_key) -> the data identity its cells are trained on
@@ -71,14 +71,8 @@ def _records(sweep: Sweep, study, uri: str) -> dict[str, Recorded]:
         client = mlflow.MlflowClient(uri)
         keys = {(c.level, c.seed): data_key(c.cfg) for c in sweep.cells}
         for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
-            key = keys.get((t.user_attrs.get("level"), t.user_attrs.get("seed")))
-            if key is None or key in found or not t.user_attrs.get(tracking.TRIAL_RUN_ID):
-                continue
-            try:
-                tag = client.get_run(t.user_attrs[tracking.TRIAL_RUN_ID]).data.tags.get(tracking.TAG_DATA)
-            except mlflow.exceptions.MlflowException:
-                continue
-            if tag:
+            key = keys.get(cell_of(t))
+            if key is not None and key not in found and (tag := run_tag(client, t, tracking.TAG_DATA)):
                 found[key] = {"fingerprint": tag}
     return {k: Recorded(owner, v, advice) for k, v in found.items()}
 

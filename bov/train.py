@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from bov import tracking
 from bov.budget import Budget, DataRegime, data_regime, model_shape, plan_budget, world_size  # noqa: F401 (re-exported)
 from bov.config import ExperimentConfig
-from bov.data import PreparedData, Recorded, TokenDataModule, prepare
+from bov.data import PreparedData, Recorded, TokenDataModule, check_identity, prepare
 from bov.infer import checkpoint_extras
 from bov.model import build_model
 from bov.optim import build_optimizer
@@ -375,9 +375,7 @@ def _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, 
     budget = plan_budget(cfg, flops_per_token, world)
     # a streaming source packs exactly what the budget reads, plus one window
     if data is not None:
-        for rec in expect:
-            for stage, digest in data.identity.items():
-                rec.check(stage, digest)
+        check_identity(expect, data.identity)
     data = data or prepare(cfg, stream_tokens=budget.tokens + cfg.model.seq_len + 1, log=log, expect=expect)
     data.check_windows(cfg.model.seq_len)
     regime = data_regime(cfg, budget, data.train.n_tokens, params)

@@ -85,6 +85,22 @@ def cell_states(study, retry_failed: bool = False) -> dict[tuple[str, int], str]
     return states
 
 
+def run_tag(client, trial, tag: str) -> str | None:
+    """A tag of the MLflow run a trial recorded: how studies from before a trial attribute existed are read
+    back (None: no run recorded, or it was deleted, so nothing to compare against)."""
+    import mlflow
+
+    from bov import tracking
+
+    run_id = trial.user_attrs.get(tracking.TRIAL_RUN_ID)
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).data.tags.get(tag)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def changed_cells(sweep: Sweep, study, tracking_uri: str | None) -> list[tuple[str, int, str, str]]:
     """(level, seed, hash it ran, hash now) of the grid's completed cells whose config differs from what the
     study file and presets give that cell today. Continuing such a study would put two recipes in one table
@@ -104,11 +120,8 @@ def changed_cells(sweep: Sweep, study, tracking_uri: str | None) -> list[tuple[s
         if cell not in now:
             continue
         ran = t.user_attrs.get(CONFIG_HASH_ATTR)
-        if ran is None and client is not None and t.user_attrs.get(tracking.TRIAL_RUN_ID):
-            try:
-                ran = client.get_run(t.user_attrs[tracking.TRIAL_RUN_ID]).data.tags.get(tracking.TAG_CONFIG_HASH)
-            except mlflow.exceptions.MlflowException:  # its run was deleted: nothing to compare against
-                ran = None
+        if ran is None and client is not None:
+            ran = run_tag(client, t, tracking.TAG_CONFIG_HASH)
         if ran is not None and ran != now[cell]:
             changed.append((*cell, ran, now[cell]))
     return sorted(changed)

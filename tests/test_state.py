@@ -164,6 +164,12 @@ def test_continuing_a_study_on_a_replaced_corpus_stops_before_any_compute(tmp_pa
     assert files_under(runs / "cache" / "tokenizers") == tokenizers
     assert len(study.get_trials()) == 2  # no cell ran
 
+    study.set_user_attr("bov.data", None)  # a study from before the record: its cells' fingerprint tags stand in
+    one_line_here(cli(runs, monkeypatch, "sweep", str(path), "--seeds", "2"),
+                  f"was trained on another data fingerprint: recorded {recorded['fingerprint']}")
+    assert files_under(runs / "cache" / "tokenizers") != tokenizers  # checked once the new tokenizer exists
+    assert len(study.get_trials()) == 2
+
 
 @pytest.mark.slow  # real processes training: in `make test-slow`
 def test_a_corpus_replaced_under_a_running_study_stops_its_next_cell(tmp_path):

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from bov import tracking as T
-from bov.figures import (cacheless_layers, plot_axis, plot_coefficients, plot_curves, plot_epochs, probe_figures,  # noqa: F401
-                         plot_vcache, save, style, vcache_saving, vcache_saving_bytes)
+from bov.figures import (cacheless_layers, plot_axis, plot_coefficients, plot_curves, plot_deltas, plot_epochs,  # noqa: F401
+                         plot_vcache, probe_figures, save, style, vcache_saving, vcache_saving_bytes)
 from bov.paths import tracking_uri as default_tracking_uri
+from bov.stats import format_verdicts, interval, rank_agreement, verdicts  # noqa: F401 (interval: re-exported)
 
 PARAM_GROUPS = ("matrix", "embedding", "unembedding", "bank", "scalar")
 # MLflow tag -> column. Plain training runs have variant/preset/seed; sweep trials add the bov.* ones.
@@ -60,6 +60,8 @@ class Study:
     axis: str = "level"
     levels: list[str] = field(default_factory=list)  # in the sweep's order
     baseline: str | None = None
+    references: list[str] = field(default_factory=list)  # every level is compared with each, baseline first
+    paper: dict[str, Any] | None = None  # the paper's values and claims for these levels (bov.claims)
     metric: str = T.VAL_BPB
     preset: str | None = None
     definition: str | None = None  # the sweep file base name, e.g. bank_layers
@@ -153,6 +155,8 @@ def load_study(name: str, tracking_uri: str | None = None) -> Study:
     d = T.read_study_definition(mlflow.MlflowClient(mlflow.get_tracking_uri()).get_run(parents[0]))
     study.axis, study.levels, study.metric = d["axis"], [str(lv) for lv in d["levels"]], d["metric"]
     study.preset, study.baseline, study.definition = d["preset"], d["baseline_level"], d["definition"]
+    refs = [study.baseline] if study.baseline else []
+    study.references, study.paper = list(dict.fromkeys(refs + (d.get("references") or []))), d.get("paper")
     return study
 
 
@@ -234,30 +238,15 @@ def coefficient_table(runs: pd.DataFrame, out_dir: Path, title: str, order: Sequ
 # ----------------------------------------------------------------------------- statistics
 
 
-def interval(x: pd.Series, base: pd.Series, confidence: float, n_boot: int, seed: int) -> tuple[float, float, float, str]:
-    """delta = mean(x) - mean(base) and its interval; x and base are indexed by seed."""
-    from scipy import stats
-
-    delta = float(x.mean() - base.mean())
-    if len(x) < 2 or len(base) < 2:
-        return delta, math.nan, math.nan, "single seed: no interval"
-    if set(x.index) == set(base.index):  # the same seeds: the difference is paired by seed
-        d = (x - base.reindex(x.index)).to_numpy(dtype=float)
-        half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-        return float(d.mean()), float(d.mean() - half), float(d.mean() + half), f"paired t, n={len(d)}"
-    rng = np.random.default_rng(seed)
-    xa, ba = x.to_numpy(dtype=float), base.to_numpy(dtype=float)
-    boots = (rng.choice(xa, (n_boot, len(xa))).mean(1) - rng.choice(ba, (n_boot, len(ba))).mean(1))
-    lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return delta, float(lo), float(hi), f"bootstrap, {n_boot} resamples"
-
-
 def compare(runs: pd.DataFrame, by: str = "level", baseline: str | None = None, metric: str = T.VAL_BPB,
             order: Sequence[str] | None = None, confidence: float = 0.95, n_boot: int = 10_000,
-            seed: int = 0) -> pd.DataFrame:
-    """One row per level: runs, seeds, mean/std of the metric and val/loss, delta vs baseline with an interval."""
+            seed: int = 0, references: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per level: runs, seeds, mean/std of the metric and val/loss, delta vs baseline with an interval
+    (`delta`, `ci_low`, `ci_high`, `ci_method`), and the same against each other reference level
+    (`delta vs <ref>`, `ci_low vs <ref>`, ...)."""
     levels = [lv for lv in (order or []) if lv in set(runs[by])] + sorted(set(runs[by]) - set(order or []))
     base = runs[runs[by] == baseline].set_index("seed")[metric] if baseline is not None else None
+    others = {r: runs[runs[by] == r].set_index("seed")[metric] for r in references if r != baseline}
     rows = []
     for level in levels:
         g = runs[runs[by] == level]
@@ -273,6 +262,10 @@ def compare(runs: pd.DataFrame, by: str = "level", baseline: str | None = None, 
             else:
                 d, lo, hi, how = interval(vals, base, confidence, n_boot, seed)
                 row.update(delta=d, ci_low=lo, ci_high=hi, ci_method=how)
+        for ref, ref_vals in others.items():
+            d, lo, hi, how = ((0.0, math.nan, math.nan, "reference") if level == ref else
+                              interval(vals, ref_vals, confidence, n_boot, seed) if len(ref_vals) else (math.nan,) * 3 + ("",))
+            row.update({f"delta vs {ref}": d, f"ci_low vs {ref}": lo, f"ci_high vs {ref}": hi, f"ci_method vs {ref}": how})
         for col in ("params", "params_non_embedding", "params.bank", "flops_per_token", "tokens", "epochs",
                     "tokens_per_param", "tokens_per_param_non_embedding", "tokens_per_s"):
             if col in g:
@@ -304,8 +297,18 @@ def _si(v: float) -> str:
     return f"{v:.0f}"
 
 
+def _delta_cell(delta: float, lo: float, hi: float, method: str) -> str:
+    if pd.isna(delta):
+        return "-"
+    if method in ("baseline", "reference"):
+        return f"({method})"
+    if pd.isna(lo):
+        return f"{delta:+.4f} (single seed)"
+    return f"{delta:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def format_table(table: pd.DataFrame, by: str = "level", metric: str = T.VAL_BPB, baseline: str | None = None) -> pd.DataFrame:
-    """Numbers -> the strings a paper shows: `mean ± std`, `delta [lo, hi]`, sizes in k/M/B."""
+    """Numbers -> the strings a paper shows: `mean ± std`, `delta [lo, hi]` against each reference, sizes in k/M/B."""
 
     def pm(mean: float, std: float) -> str:
         if pd.isna(mean):
@@ -315,17 +318,11 @@ def format_table(table: pd.DataFrame, by: str = "level", metric: str = T.VAL_BPB
     out = pd.DataFrame({by: table[by], "seeds": table["runs"]})
     out[metric] = [pm(m, s) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
     if "delta" in table:
-        cells = []
-        for r in table.to_dict("records"):
-            if pd.isna(r["delta"]):
-                cells.append("-")
-            elif r["ci_method"] == "baseline":
-                cells.append("(baseline)")
-            elif pd.isna(r["ci_low"]):
-                cells.append(f"{r['delta']:+.4f} (single seed)")
-            else:
-                cells.append(f"{r['delta']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]")
-        out[f"Δ vs {baseline} (95% CI)"] = cells
+        out[f"Δ vs {baseline} (95% CI)"] = [_delta_cell(*v) for v in
+                                            zip(table["delta"], table["ci_low"], table["ci_high"], table["ci_method"])]
+    for ref in [c.removeprefix("delta vs ") for c in table if c.startswith("delta vs ")]:
+        out[f"Δ vs {ref} (95% CI)"] = [_delta_cell(*v) for v in zip(*(table[f"{k} vs {ref}"] for k in
+                                                                     ("delta", "ci_low", "ci_high", "ci_method")))]
     if "val/loss mean" in table:
         out["val/loss"] = [pm(m, s) for m, s in zip(table["val/loss mean"], table["val/loss std"])]
     for col, name, fmt in (("params", "params", _si), ("params.bank", "bank params", _si),
@@ -358,13 +355,20 @@ def report(study: Study, out_dir: Path, tracking_uri: str | None = None, highlig
     """What every study notebook writes: the comparison table, the metric per level, the learning curves."""
     if study.runs.empty:
         raise ValueError(f"study {study.name!r} has no finished runs yet (run the sweep first)")
-    metric, axis = study.metric, study.axis
-    table = compare(study.runs, baseline=study.baseline, metric=metric, order=study.levels)
-    caption = (f"{study.name}: {metric} by {axis} level; mean ± std over seeds; Δ = level - {study.baseline} "
-               "with a 95% interval (paired t over seeds, or bootstrap)" if study.baseline else f"{study.name}: {metric}")
+    metric, axis, refs = study.metric, study.axis, study.references
+    table = compare(study.runs, baseline=study.baseline, metric=metric, order=study.levels, references=refs)
+    caption = (f"{study.name}: {metric} by {axis} level; mean ± std over seeds; Δ = level - reference "
+               f"({', '.join(refs)}) with a 95% interval (paired t over seeds, or bootstrap)" if refs else f"{study.name}: {metric}")
+    if refs and table["runs"].max() <= 1:
+        caption += ". One seed per level: every difference here is an anecdote, not a finding"
     files = write_table(table, out_dir, "table", metric=metric, baseline=study.baseline, caption=caption)
     files += save(plot_axis(study.runs, metric=metric, order=study.levels, baseline=study.baseline,
                             title=study.name, xlabel=axis), out_dir, "metric_by_level")
+    if refs:
+        files += save(plot_deltas(deltas(table, study.baseline, refs), metric=metric, order=study.levels,
+                                  title=f"{study.name}: Δ {metric} against each reference"), out_dir, "deltas")
+    if study.paper:
+        files += write_verdicts(study, out_dir)
     history = load_history(study.runs, tracking_uri=tracking_uri)
     files += save(plot_curves(history, metric=metric, order=study.levels, highlight=highlight, title=study.name),
                   out_dir, "curves")
@@ -374,6 +378,40 @@ def report(study: Study, out_dir: Path, tracking_uri: str | None = None, highlig
         files += probe_figures(probes, out_dir, order=study.levels, title=study.name)
     return {"table": table, "shown": format_table(table, metric=metric, baseline=study.baseline),
             "history": history, "files": files, "probes": probes}
+
+
+def deltas(table: pd.DataFrame, baseline: str | None, references: Sequence[str]) -> pd.DataFrame:
+    """compare()'s table, long: level, vs, delta, ci_low, ci_high, ci_method (one row per level and reference)."""
+    parts = []
+    for ref in references:
+        sfx = "" if ref == baseline else f" vs {ref}"
+        cols = [f"{k}{sfx}" for k in ("delta", "ci_low", "ci_high", "ci_method")]
+        if cols[0] in table:
+            part = table[["level", *cols]].set_axis(["level", "delta", "ci_low", "ci_high", "ci_method"], axis=1)
+            parts.append(part.assign(vs=ref))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["level", "vs", "delta"])
+
+
+def write_verdicts(study: Study, out_dir: Path) -> list[Path]:
+    """`verdicts.{md,csv}`: every claim of the study file's `paper:` block against this suite (bov.stats)."""
+    v = verdicts(study.runs, study.paper, study.references, metric=study.metric)
+    rho, n = rank_agreement(study.runs, study.paper.get("values") or {}, metric=study.metric)
+    counts = ", ".join(f"{(v['verdict'] == k).sum()} {k}" for k in ("agrees", "disagrees", "unresolved"))
+    seeds = sorted(set(v["seeds"])) if len(v) else []
+    text = (f"{study.name}: the paper's claims ({study.paper['source']}) against this suite's Δ {study.metric} with "
+            f"its paired 95% interval over {'/'.join(map(str, seeds)) or 'no'} seeds: {counts}. Resolved: the interval "
+            "excludes 0. Seeds to resolve paper Δ: the seeds this suite's measured spread would need for a 95% "
+            "interval narrower than the paper's difference. The paper's numbers are on its data and scale: a "
+            "verdict compares directions only.")
+    if not math.isnan(rho):
+        text += f" Rank agreement with the paper over {n} levels: Spearman ρ = {rho:+.2f}."
+    if seeds and max(seeds) <= 1:
+        text += " One seed: nothing here is resolved; an anecdote."
+    out_dir.mkdir(parents=True, exist_ok=True)
+    v.to_csv(out_dir / "verdicts.csv", index=False)
+    (out_dir / "verdicts.md").write_text(
+        f"{text}\n\n" + format_verdicts(v).to_markdown(index=False, disable_numparse=True) + "\n")
+    return [out_dir / "verdicts.csv", out_dir / "verdicts.md"]
 
 
 def eval_tables(study: Study, out_dir: Path) -> list[Path]:
@@ -412,56 +450,3 @@ def load_probes(runs: pd.DataFrame, tracking_uri: str | None = None) -> list[dic
         if found is not None:
             probes.append({**found, "level": r["level"], "seed": r["seed"]})
     return probes
-
-
-# ----------------------------------------------------------------------------- notebooks
-
-
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "analysis"
-
-
-def notebook_for(definition: str | None) -> Path:
-    """analysis/<study>.py when the study has its own notebook, else the generic axis_sweep.py."""
-    own = NOTEBOOKS / f"{definition}.py"
-    return own if definition and own.is_file() else NOTEBOOKS / "axis_sweep.py"
-
-
-def run_notebook(notebook: Path, out_dir: Path, env: dict[str, str], execute: bool) -> Path | None:
-    """Run a jupytext notebook headlessly: executed into `<out_dir>/<name>.ipynb` (nbclient), or as a script."""
-    import subprocess
-    import sys
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not execute:
-        done = subprocess.run([sys.executable, str(notebook)], env=env, capture_output=True, text=True)
-        if done.returncode:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"{notebook.name} failed: {tail[0]}")
-        return None
-    import jupytext
-    import nbclient
-    import nbformat
-
-    nb = jupytext.read(notebook)
-    saved = dict(os.environ)
-    os.environ.update(env)  # the kernel inherits the parameters
-    try:
-        nbclient.NotebookClient(nb, kernel_name="python3", timeout=3600,
-                                resources={"metadata": {"path": str(Path.cwd())}}).execute()
-    except nbclient.exceptions.CellExecutionError as e:
-        raise RuntimeError(f"{notebook.name} failed: {str(e).strip().splitlines()[-1]}") from None
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    target = out_dir / f"{notebook.stem}.ipynb"
-    nbformat.write(nb, target)
-    return target
-
-
-def can_execute_notebooks() -> bool:
-    try:
-        import ipykernel  # noqa: F401
-        import nbclient  # noqa: F401
-    except ImportError:
-        return False
-    return True

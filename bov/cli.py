@@ -476,6 +476,7 @@ def figures(
     import os
 
     from bov import analysis as A
+    from bov import notebooks as N
     from bov.paths import runs_dir, tracking_uri
     from bov.tracking import relocate_artifacts
 
@@ -487,7 +488,7 @@ def figures(
     names = study or A.sweep_experiments(uri)
     if not names:
         fail(f"no sweep in the MLflow store {uri}; run `make sweep` first (or pass --study)")
-    execute = not script and A.can_execute_notebooks()
+    execute = not script and N.can_execute_notebooks()
     results = A.results_dir().resolve()
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, BOV_RESULTS_DIR=str(results), BOV_RUNS_DIR=str(runs_dir()),
                MPLBACKEND="Agg")
@@ -502,12 +503,12 @@ def figures(
                 fail(f"study {name!r} has no finished runs yet; run its sweep first")
             typer.echo(f"{name}: no finished runs yet, skipped")
             continue
-        jobs.append((name, A.notebook_for(loaded.definition), results / name))
-    jobs.append(("vcache_memory", A.NOTEBOOKS / "vcache_memory.py", results / "vcache_memory"))
+        jobs.append((name, N.notebook_for(loaded.definition), results / name))
+    jobs.append(("vcache_memory", N.NOTEBOOKS / "vcache_memory.py", results / "vcache_memory"))
     for name, notebook, out in jobs:
         typer.echo(f"{name}: analysis/{notebook.name} -> {out}")
         try:
-            A.run_notebook(notebook, out, {**env, "BOV_STUDY": name}, execute)
+            N.run_notebook(notebook, out, {**env, "BOV_STUDY": name}, execute)
         except RuntimeError as e:
             fail(f"{name}: {e}", code=1)
     for _, _, out in jobs:

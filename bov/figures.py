@@ -1,7 +1,7 @@
 """Paper-style figures from tidy frames (bov.analysis makes the frames): one seaborn look for all.
 
 Figure 4 (`plot_curves`: BPB against tokens and FLOPs), Figure 2 (`plot_coefficients`), the metric at each
-level of an axis (`plot_axis`), BPB against epochs (`plot_epochs`), and Figure 5a (`plot_vcache`: the
+level of an axis (`plot_axis`), each level's delta against each reference (`plot_deltas`), BPB against epochs (`plot_epochs`), and Figure 5a (`plot_vcache`: the
 V-cache saved by banks against context length, with the cache bytes bov.infer allocates).
 """
 
@@ -108,6 +108,34 @@ def plot_axis(runs: pd.DataFrame, by: str = "level", metric: str = VAL_BPB, orde
     ax.set_xlabel(xlabel or by)
     ax.set_ylabel(f"validation {metric.split('/')[-1]}")
     ax.tick_params(axis="x", rotation=30)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_deltas(deltas: pd.DataFrame, metric: str = VAL_BPB, order: Sequence[str] | None = None, title: str = ""):
+    """Each level's delta against each reference level with its paired 95% interval (one colour per reference;
+    a level with one seed shows its point only). `deltas`: level, vs, delta, ci_low, ci_high."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    d = deltas[deltas["level"] != deltas["vs"]]
+    order = [lv for lv in (order or sorted(d["level"].unique())) if lv in set(d["level"])]
+    refs = list(dict.fromkeys(d["vs"]))
+    fig, ax = plt.subplots(figsize=(6.5, 0.38 * len(order) + 1.6))
+    colours = sns.color_palette(n_colors=max(1, len(refs)))
+    for k, (ref, colour) in enumerate(zip(refs, colours)):
+        r = d[d["vs"] == ref].set_index("level").reindex(order)
+        y = np.arange(len(order)) + (k - (len(refs) - 1) / 2) * 0.25
+        ax.errorbar(r["delta"], y, xerr=[r["delta"] - r["ci_low"], r["ci_high"] - r["delta"]], fmt="o", ms=4,
+                    capsize=2.5, color=colour, label=f"vs {ref}")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(np.arange(len(order)), order)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"Δ validation {metric.split('/')[-1]} (level - reference; left of 0 is better), 95% CI")
+    ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title)
     fig.tight_layout()

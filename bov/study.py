@@ -55,6 +55,22 @@ class Pruner(_Strict):
     n_warmup_steps: int = Field(0, ge=0)
 
 
+class Claim(_Strict):
+    """A direction the paper reports without a number: `level` is `paper` (better or worse) than `than`."""
+
+    level: str
+    than: str
+    paper: Literal["better", "worse"]
+
+
+class PaperClaims(_Strict):
+    """What the paper reports for this study's levels, checked by the verdict table (bov.claims)."""
+
+    source: str  # where: paper, table, scale, metric
+    values: dict[str, float] = {}  # the paper's metric per level: the paper's delta of any two levels follows
+    claims: list[Claim] = []  # directions the paper states without a number
+
+
 class SweepSpec(_Strict):
     """One sweeps/<name>.yaml."""
 
@@ -64,6 +80,8 @@ class SweepSpec(_Strict):
     axis: str  # a config key (model.bank_layers), `variant`, or a name for a mapping of override sets
     levels: Union[list[Any], dict[str, dict[str, Any]]] = []
     baseline_level: str | None = None
+    references: list[str] = []  # levels every level is compared with (default: the baseline level)
+    paper: PaperClaims | None = None
     seeds: list[int] = [0]
     budget: BudgetSpec = BudgetSpec()
     overrides: dict[str, Any] = {}
@@ -96,6 +114,12 @@ class Sweep:
     @property
     def levels(self) -> list[str]:
         return list(dict.fromkeys(c.level for c in self.cells))
+
+    @property
+    def references(self) -> list[str]:
+        """The levels every level is compared with, the baseline level first: analysis only, never a cell's config."""
+        first = [self.spec.baseline_level] if self.spec.baseline_level else []
+        return list(dict.fromkeys(first + self.spec.references))
 
     @property
     def seeds(self) -> list[int]:
@@ -162,6 +186,7 @@ def load_sweep(
         raise ConfigError(f"{path}: level {bad[0]!r}: a level name cannot contain '/' or start with '.'")
     if spec.baseline_level is not None and spec.baseline_level not in levels:
         raise ConfigError(f"{path}: baseline_level {spec.baseline_level!r} is not a level ({', '.join(levels)})")
+    _check_named_levels(spec, path, levels)
 
     def cell(level: str, seed: int, budget: dict[str, Any]) -> Cell:
         over = {**spec.overrides, **levels[level], **sweep.overrides}
@@ -180,6 +205,17 @@ def load_sweep(
     budget = _budget(cell(ref_level, spec.seeds[0], {}).cfg, spec.budget.match, steps)
     sweep.cells = [cell(level, seed, budget) for level in levels for seed in spec.seeds]
     return sweep
+
+
+def _check_named_levels(spec: SweepSpec, path: Path, levels: dict[str, Any]) -> None:
+    """references and the paper's claims name levels of this study."""
+    named = [("references", lv) for lv in spec.references]
+    if spec.paper is not None:
+        named += [("paper.values", lv) for lv in spec.paper.values]
+        named += [(f"paper.claims[{i}]", lv) for i, c in enumerate(spec.paper.claims) for lv in (c.level, c.than)]
+    for key, lv in named:
+        if lv not in levels:
+            raise ConfigError(f"{path}: {key}: {lv!r} is not a level ({', '.join(levels)})")
 
 
 def parse_flat(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:

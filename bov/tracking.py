@@ -306,11 +306,15 @@ def mark_lost_run(study, trial, why: str = "no heartbeat") -> None:
 # ----------------------------------------------------------------------------- sweeps
 
 
+ANALYSIS_ONLY = ("references", "paper")  # study-file keys no cell's config depends on
+
+
 def study_definition(sweep) -> dict[str, Any]:
     """What the analysis needs to know of a study, as data (not strings to parse back)."""
     spec = sweep.spec
     return {"study": sweep.name, "definition": spec.study, "axis": spec.axis, "levels": sweep.levels,
             "seeds": sweep.seeds, "metric": spec.metric, "baseline_level": spec.baseline_level,
+            "references": sweep.references, "paper": spec.paper.model_dump() if spec.paper else None,
             "preset": sweep.preset, "sampler": spec.sampler, "sweep_file": sweep.path.name,
             "budget": {k: v for k, v in sweep.cells[0].overrides.items() if k.startswith("train.max_") and v is not None}}
 
@@ -337,8 +341,9 @@ def create_sweep_run(sweep, uri: str, experiment_id: str, storage_url: str) -> s
 
 def extend_sweep_run(sweep, uri: str, run_id: str) -> None:
     """A study continued with more levels or seeds: the parent run's recorded definition grows to hold them
-    (levels and seeds recorded before stay, in their order), so the analysis lists every level that ran. The
-    params logged at creation stay: MLflow params cannot change."""
+    (levels and seeds recorded before stay, in their order), so the analysis lists every level that ran. What
+    only the analysis reads (references, the paper's claims) follows the study file. The params logged at
+    creation stay: MLflow params cannot change."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -350,11 +355,12 @@ def extend_sweep_run(sweep, uri: str, run_id: str) -> None:
     new = study_definition(sweep)
     levels = list(dict.fromkeys([*old.get("levels", []), *new["levels"]]))
     seeds = list(dict.fromkeys([*old.get("seeds", []), *new["seeds"]]))
-    if levels == old.get("levels") and seeds == old.get("seeds"):
+    analysis = {k: new[k] for k in ANALYSIS_ONLY}
+    if levels == old.get("levels") and seeds == old.get("seeds") and all(old.get(k) == v for k, v in analysis.items()):
         return
     client.log_text(run_id, sweep.path.read_text(), SWEEP_ARTIFACT)
-    client.log_dict(run_id, {**old, **{k: v for k, v in new.items() if k not in old}, "levels": levels, "seeds": seeds},
-                    STUDY_ARTIFACT)
+    client.log_dict(run_id, {**old, **{k: v for k, v in new.items() if k not in old}, **analysis, "levels": levels,
+                             "seeds": seeds}, STUDY_ARTIFACT)
 
 
 def read_study_definition(run) -> dict[str, Any]:
@@ -368,7 +374,8 @@ def read_study_definition(run) -> dict[str, Any]:
         return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{STUDY_ARTIFACT}"))
     p = run.data.params
     out = {"axis": p.get("axis", "level"), "levels": [lv for lv in p.get("levels", "").split(",") if lv],
-           "metric": p.get("metric", "val/bpb"), "preset": p.get("preset"), "baseline_level": None, "definition": None}
+           "metric": p.get("metric", "val/bpb"), "preset": p.get("preset"), "baseline_level": None, "definition": None,
+           "references": [], "paper": None}
     with contextlib.suppress(Exception):
         spec = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{SWEEP_ARTIFACT}"))
         out.update(baseline_level=spec.get("baseline_level"), definition=spec.get("study"))

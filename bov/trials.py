@@ -199,11 +199,16 @@ class Grid:
                               "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs")}
                              for t in trials if t.state == TrialState.COMPLETE and cell_of(t)],
                             columns=["level", "seed", metric, "tokens", "epochs"])
-        table = compare(runs, baseline=sweep.spec.baseline_level, metric=metric, order=sweep.levels)
+        table = compare(runs, baseline=sweep.spec.baseline_level, metric=metric, order=sweep.levels,
+                        references=sweep.references)
         table = table.set_index("level").reindex(sweep.levels).rename_axis("level").reset_index()  # levels yet to run
         table["runs"] = table["runs"].fillna(0).astype(int)
         failed = {cell_of(t) for t in trials if t.state == TrialState.FAIL and cell_of(t) and t.user_attrs.get(FINAL_FAILURE)}
         table["failed"] = [sum(c[0] == lv for c in failed) for lv in table["level"]]
+        if sweep.spec.paper is not None:  # the paper's claims against these seeds, shown by format
+            from bov.stats import verdicts
+
+            table.attrs["verdicts"] = verdicts(runs, sweep.spec.paper.model_dump(), sweep.references, metric=metric)
         return table
 
     def format(self, table) -> str:
@@ -214,6 +219,13 @@ class Grid:
         if table["failed"].any():
             shown.insert(2, "failed", table["failed"])
         text = shown.to_markdown(index=False, disable_numparse=True)
+        v = table.attrs.get("verdicts")
+        if v is not None and len(v):
+            from bov.stats import format_verdicts
+
+            counts = ", ".join(f"{(v['verdict'] == k).sum()} {k}" for k in ("agrees", "disagrees", "unresolved"))
+            text += (f"\n\nThe paper's claims ({spec.paper.source}) against this study: {counts}\n\n"
+                     + format_verdicts(v).to_markdown(index=False, disable_numparse=True))
         if spec.baseline_level and table["runs"].max() <= 1:
             text += ("\n\nNote: one seed per level, so no difference here carries an interval: it is an anecdote, "
                      "not a finding. Run more seeds (SEEDS=3) before reading an ordering into it.")

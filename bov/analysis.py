@@ -61,7 +61,8 @@ class Study:
     levels: list[str] = field(default_factory=list)  # in the sweep's order
     baseline: str | None = None
     references: list[str] = field(default_factory=list)  # every level is compared with each, baseline first
-    paper: dict[str, Any] | None = None  # the paper's values and claims for these levels (bov.claims)
+    paper: dict[str, Any] | None = None  # the paper's values and claims for these levels (bov.stats)
+    axes: list[dict[str, Any]] = field(default_factory=list)  # a crossed study: its two axes (name, kind, levels)
     metric: str = T.VAL_BPB
     preset: str | None = None
     definition: str | None = None  # the sweep file base name, e.g. bank_layers
@@ -103,6 +104,8 @@ def load_runs(experiment: str, tracking_uri: str | None = None, status: Sequence
     out = pd.DataFrame({"run_id": raw["run_id"].to_numpy(), "status": raw["status"].to_numpy()})
     for tag, col in TAG_COLUMNS.items():
         out[col] = raw[f"tags.{tag}"].to_numpy() if f"tags.{tag}" in raw else None
+    for col in [c for c in raw if c.startswith(f"tags.{T.TAG_COORD}")]:  # a crossed study: coord.<axis>
+        out["coord." + col.removeprefix(f"tags.{T.TAG_COORD}")] = raw[col].to_numpy()
     params = {c[len("params."):]: raw[c].map(_number).to_numpy() for c in raw if c.startswith("params.")}
     metrics = {c[len("metrics."):]: raw[c].to_numpy(dtype=float) for c in raw if c.startswith("metrics.")}
     out = pd.concat([out, pd.DataFrame(params), pd.DataFrame(metrics)], axis=1)
@@ -157,6 +160,7 @@ def load_study(name: str, tracking_uri: str | None = None) -> Study:
     study.preset, study.baseline, study.definition = d["preset"], d["baseline_level"], d["definition"]
     refs = [study.baseline] if study.baseline else []
     study.references, study.paper = list(dict.fromkeys(refs + (d.get("references") or []))), d.get("paper")
+    study.axes = d.get("axes") or []
     return study
 
 
@@ -336,10 +340,10 @@ def format_table(table: pd.DataFrame, by: str = "level", metric: str = T.VAL_BPB
 
 
 def write_table(table: pd.DataFrame, out_dir: Path, stem: str, by: str = "level", metric: str = T.VAL_BPB,
-                baseline: str | None = None, caption: str = "") -> list[Path]:
-    """`<stem>.csv` (numbers), `<stem>.md` and `<stem>.tex` (formatted), under out_dir."""
+                baseline: str | None = None, caption: str = "", shown: pd.DataFrame | None = None) -> list[Path]:
+    """`<stem>.csv` (numbers), `<stem>.md` and `<stem>.tex` (formatted: format_table's, or `shown`), under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = format_table(table, by, metric, baseline)
+    shown = format_table(table, by, metric, baseline) if shown is None else shown
     csv, md, tex = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "tex"))
     table.to_csv(csv, index=False)
     md.write_text((f"{caption}\n\n" if caption else "") + shown.to_markdown(index=False, disable_numparse=True) + "\n")

@@ -503,7 +503,7 @@ def figures(
                 fail(f"study {name!r} has no finished runs yet; run its sweep first")
             typer.echo(f"{name}: no finished runs yet, skipped")
             continue
-        jobs.append((name, N.notebook_for(loaded.definition), results / name))
+        jobs.append((name, N.notebook_for(loaded.definition, crossed=bool(loaded.axes)), results / name))
     jobs.append(("vcache_memory", N.NOTEBOOKS / "vcache_memory.py", results / "vcache_memory"))
     for name, notebook, out in jobs:
         typer.echo(f"{name}: analysis/{notebook.name} -> {out}")

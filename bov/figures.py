@@ -1,7 +1,9 @@
 """Paper-style figures from tidy frames (bov.analysis makes the frames): one seaborn look for all.
 
 Figure 4 (`plot_curves`: BPB against tokens and FLOPs), Figure 2 (`plot_coefficients`), the metric at each
-level of an axis (`plot_axis`), each level's delta against each reference (`plot_deltas`), BPB against epochs (`plot_epochs`), and Figure 5a (`plot_vcache`: the
+level of an axis (`plot_axis`), each level's delta against each reference (`plot_deltas`), a crossed study's loss against compute with
+the baseline's fit (`plot_compute`), its compute multipliers (`plot_multipliers`) and its gain against model
+size (`plot_size_trend`), BPB against epochs (`plot_epochs`), and Figure 5a (`plot_vcache`: the
 V-cache saved by banks against context length, with the cache bytes bov.infer allocates).
 """
 
@@ -136,6 +138,91 @@ def plot_deltas(deltas: pd.DataFrame, metric: str = VAL_BPB, order: Sequence[str
     ax.invert_yaxis()
     ax.set_xlabel(f"Δ validation {metric.split('/')[-1]} (level - reference; left of 0 is better), 95% CI")
     ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_compute(runs: pd.DataFrame, by: str, fit=None, baseline: str | None = None, metric: str = VAL_BPB,
+                 order: Sequence[str] | None = None, title: str = ""):
+    """The metric against training FLOPs (log x): every seed's point (small), each cell group's mean (large, ±
+    one std over seeds), and the baseline's fitted ladder `fit` (a bov.scaling.PowerLaw) as a line."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style()
+    order = [lv for lv in (order or sorted(runs[by].unique())) if lv in set(runs[by])]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    for lv in order:
+        g = runs[runs[by] == lv]
+        ax.scatter(g["compute"], g[metric], s=10, alpha=0.45, color=colours[lv])
+        m = g.groupby("compute_group").agg(c=("compute", "mean"), L=(metric, "mean"), sd=(metric, "std"))
+        ax.errorbar(m["c"], m["L"], yerr=m["sd"].fillna(0), fmt="o-" if lv == baseline else "D", ms=6, capsize=3,
+                    color=colours[lv], label=lv, lw=0 if lv != baseline else 0.8)
+    if fit is not None:
+        c = np.geomspace(runs["compute"].min() / 1.3, runs["compute"].max() * 1.3, 100)
+        ax.plot(c, fit.loss(c), color="black", lw=1, ls="--", label=f"{baseline} fit: E + A C^-{fit.alpha:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(f"validation {metric.split('/')[-1]}")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_multipliers(table: pd.DataFrame, by: str, title: str = ""):
+    """Each variant's compute-equivalent multiplier with its 95% interval (log x; 1 = the baseline's worth);
+    extrapolated ones hollow."""
+    import matplotlib.pyplot as plt
+
+    style()
+    t = table.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(t) + 1.5))
+    y = np.arange(len(t))
+    finite = np.isfinite(t["multiplier"])
+    lo = (t["multiplier"] - t["ci_low"]).clip(lower=0).fillna(0)
+    hi = (t["ci_high"] - t["multiplier"]).replace(np.inf, np.nan).fillna(0)
+    ax.errorbar(t["multiplier"][finite], y[finite], xerr=[lo[finite], hi[finite]], fmt="none", capsize=3, color="C0")
+    for flag, face in ((False, "C0"), (True, "white")):
+        k = finite & (t["extrapolated"] == flag)
+        ax.scatter(t["multiplier"][k], y[k], facecolor=face, edgecolor="C0", zorder=3,
+                   label="extrapolated" if flag and k.any() else None)
+    ax.axvline(1, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(y, [f"{a} @ {b}" for a, b in zip(t[by], t.iloc[:, 1])])
+    ax.invert_yaxis()
+    ax.set_xlabel("compute-equivalent multiplier (× the baseline's FLOPs), 95% CI")
+    if (t["extrapolated"] & finite).any():
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_size_trend(table: pd.DataFrame, trend: dict, title: str = "", metric: str = VAL_BPB):
+    """The gain (-delta, 95% interval) against non-embedding parameters (log x), with the fitted trend."""
+    import matplotlib.pyplot as plt
+
+    style()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n, gain = table["params_non_embedding"], -table["delta"]
+    ax.errorbar(n, gain, yerr=[(gain + table["ci_high"]).fillna(0), (-table["ci_low"] - gain).fillna(0)], fmt="o",
+                capsize=3)
+    x = np.log10(n)
+    a = float(np.mean(gain) - trend["slope"] * np.mean(x))  # the least-squares line passes through the means
+    grid = np.linspace(x.min(), x.max(), 20)
+    ax.plot(10 ** grid, a + trend["slope"] * grid, color="black", lw=1, ls="--",
+            label=f"{trend['slope']:+.4f} per decade [{trend['ci_low']:+.4f}, {trend['ci_high']:+.4f}]: {trend['trend']}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel(f"gain in validation {metric.split('/')[-1]} (baseline - variant)")
+    ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -9,10 +9,11 @@ from pathlib import Path
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "analysis"
 
 
-def notebook_for(definition: str | None) -> Path:
-    """analysis/<study>.py when the study has its own notebook, else the generic axis_sweep.py."""
+def notebook_for(definition: str | None, crossed: bool = False) -> Path:
+    """analysis/<study>.py when the study has its own notebook, else the generic crossed_sweep.py (two axes)
+    or axis_sweep.py."""
     own = NOTEBOOKS / f"{definition}.py"
-    return own if definition and own.is_file() else NOTEBOOKS / "axis_sweep.py"
+    return own if definition and own.is_file() else NOTEBOOKS / ("crossed_sweep.py" if crossed else "axis_sweep.py")
 
 
 def run_notebook(notebook: Path, out_dir: Path, env: dict[str, str], execute: bool) -> Path | None:

@@ -36,10 +36,26 @@ class Base(_Strict):
 
 
 class BudgetSpec(_Strict):
-    """`steps` of the reference cell, turned into the same FLOPs (or tokens) for every cell."""
+    """`steps` of the reference cell, turned into the same FLOPs (or tokens) for every cell; or, with
+    `tokens_per_param`, that many tokens per non-embedding parameter of the reference cell (at its size)."""
 
     steps: int | None = Field(None, ge=1)  # None: the preset's own train.max_steps
+    tokens_per_param: float | None = Field(None, gt=0)
     match: Literal["flops", "tokens", "steps"] = "flops"
+
+
+class Cross(_Strict):
+    """A second axis crossed with the first as one grid: a cell is (first level, second level, seed).
+
+    `axis: budget`: levels are multiples of the study's budget (0.5, 1, 2, 4). `axis: size`: levels are model
+    depths; width, heads and the embedding-like learning rates follow the base preset (`size_overrides`).
+    Otherwise a dotted config key with a list of values, or a name with named override sets. `keep` selects
+    the cells that run (a cell runs if it matches one selector, e.g. `{variant: baseline}`); default: all.
+    """
+
+    axis: str
+    levels: Union[list[Any], dict[str, dict[str, Any]]]
+    keep: list[dict[str, Any]] = []
 
 
 class SearchParam(_Strict):
@@ -80,6 +96,7 @@ class SweepSpec(_Strict):
     axis: str  # a config key (model.bank_layers), `variant`, or a name for a mapping of override sets
     levels: Union[list[Any], dict[str, dict[str, Any]]] = []
     baseline_level: str | None = None
+    cross: Cross | None = None  # a second axis (budget, size, ...) crossed with `axis`
     references: list[str] = []  # levels every level is compared with (default: the baseline level)
     paper: PaperClaims | None = None
     seeds: list[int] = [0]
@@ -98,6 +115,7 @@ class Cell:
     seed: int
     cfg: ExperimentConfig
     overrides: dict[str, Any] = field(default_factory=dict)  # what load_config got on top of preset + variant
+    coords: dict[str, str] = field(default_factory=dict)  # a crossed study's cell: axis -> its level there
 
 
 @dataclass
@@ -110,6 +128,7 @@ class Sweep:
     preset: str
     cells: list[Cell] = field(default_factory=list)  # grid; for tpe, one template cell
     overrides: dict[str, Any] = field(default_factory=dict)
+    axes: list[dict[str, Any]] = field(default_factory=list)  # a crossed study's two axes: name, kind, levels
 
     @property
     def levels(self) -> list[str]:
@@ -124,6 +143,10 @@ class Sweep:
     @property
     def seeds(self) -> list[int]:
         return list(dict.fromkeys(c.seed for c in self.cells))
+
+    def coords(self, level: str) -> dict[str, str]:
+        """A crossed study's level as its coordinates ({} for a single axis)."""
+        return next((c.coords for c in self.cells if c.level == level), {})
 
     def cell(self, level: str, seed: int) -> Cell:
         return next(c for c in self.cells if c.level == level and c.seed == seed)
@@ -188,22 +211,36 @@ def load_sweep(
         raise ConfigError(f"{path}: baseline_level {spec.baseline_level!r} is not a level ({', '.join(levels)})")
     _check_named_levels(spec, path, levels)
 
-    def cell(level: str, seed: int, budget: dict[str, Any]) -> Cell:
-        over = {**spec.overrides, **levels[level], **sweep.overrides}
+    groups = _second_levels(spec, path, preset)  # one group, None, unless the study is crossed
+
+    def cell(level: str, group: str | None, seed: int, budget: dict[str, Any]) -> Cell:
+        own_over, _ = groups[group]
+        over = {**spec.overrides, **levels[level], **own_over, **sweep.overrides}
         variant = over.pop("variant", spec.base.variant)
         # a level that names its own budget keeps it (e.g. more epochs of the same unique tokens)
         own = {k: v for k, v in levels[level].items() if k in BUDGET_KEYS}
         budget = {**dict.fromkeys(BUDGET_KEYS), **own} if own else budget
         over = {**over, **budget, "train.seed": seed, "tracking.experiment": sweep.name}
+        label = level if group is None else f"{level}@{group}"
+        coords = {} if group is None else {spec.axis: level, spec.cross.axis: group}
         try:
-            return Cell(level, seed, load_config(preset, variant, over), over)
+            return Cell(label, seed, load_config(preset, variant, over), over, coords)
         except ConfigError as e:
-            raise ConfigError(f"{path}: level {level}: {e}") from None
+            raise ConfigError(f"{path}: level {label}: {e}") from None
 
-    # the budget: the reference cell's steps, as FLOPs (or tokens) every cell gets
+    # the budget: the reference cell's steps (or tokens per parameter), as FLOPs (or tokens) every cell of its
+    # group gets; a budget axis scales it
     ref_level = spec.baseline_level or next(iter(levels))
-    budget = _budget(cell(ref_level, spec.seeds[0], {}).cfg, spec.budget.match, steps)
-    sweep.cells = [cell(level, seed, budget) for level in levels for seed in spec.seeds]
+    for group, (_, multiple) in groups.items():
+        ref = cell(ref_level, group, spec.seeds[0], {}).cfg
+        budget = _scaled(_budget(ref, spec.budget.match, steps, spec.budget.tokens_per_param), multiple)
+        sweep.cells += [cell(level, group, seed, budget) for level in levels for seed in spec.seeds
+                        if _kept(spec, level, group)]
+    if not sweep.cells:
+        raise ConfigError(f"{path}: cross.keep: no cell matches")
+    if spec.cross is not None:
+        sweep.axes = [{"name": spec.axis, "kind": "levels", "levels": list(levels)},
+                      {"name": spec.cross.axis, "kind": _kind(spec.cross.axis), "levels": list(groups)}]
     return sweep
 
 
@@ -243,8 +280,13 @@ def _levels(spec: SweepSpec, path: Path) -> dict[str, dict[str, Any]]:
     return {lab: {key: v} for lab, v in zip(labels, spec.levels)}
 
 
-def _budget(ref: ExperimentConfig, match: str, steps: int | None) -> dict[str, Any]:
+def _budget(ref: ExperimentConfig, match: str, steps: int | None, tokens_per_param: float | None = None) -> dict[str, Any]:
     """Every cell's budget override, from the reference cell at the sweep's scale."""
+    if tokens_per_param is not None:  # tokens tied to the model's size, at this batch and sequence length
+        _, params = model_shape(ref.model)
+        per_step = ref.train.batch_size * ref.train.grad_accum * ref.model.seq_len * world_size(ref)
+        non_embedding = sum(params.values()) - params["embedding"] - params["bank"]
+        steps = max(1, round(tokens_per_param * non_embedding / per_step))
     if steps is not None:
         ref = ref.model_copy(update={"train": ref.train.model_copy(
             update={"max_steps": steps, "max_tokens": None, "max_flops": None})})
@@ -256,6 +298,78 @@ def _budget(ref: ExperimentConfig, match: str, steps: int | None) -> dict[str, A
         return {**none, "train.max_tokens": b.tokens}
     return {**none, "train.max_flops": b.flops}
 
+
+
+def _scaled(budget: dict[str, Any], multiple: float) -> dict[str, Any]:
+    if multiple == 1:
+        return budget
+    key, value = next((k, v) for k, v in budget.items() if v is not None)
+    return {**budget, key: value * multiple if key == "train.max_flops" else max(1, round(value * multiple))}
+
+
+def _kind(axis: str) -> str:
+    return axis if axis in ("budget", "size") else "levels"
+
+
+def _second_levels(spec: SweepSpec, path: Path, preset: str) -> dict[str | None, tuple[dict[str, Any], float]]:
+    """A crossed study's second axis: level label -> (its overrides, its budget multiple); {None: ({}, 1)} if none."""
+    c = spec.cross
+    if c is None:
+        return {None: ({}, 1.0)}
+    if spec.sampler != "grid":
+        raise ConfigError(f"{path}: cross: a crossed study is a grid (sampler: grid)")
+    if c.axis in ("budget", "size") and not (isinstance(c.levels, list) and c.levels):
+        raise ConfigError(f"{path}: cross.levels: a {c.axis} axis takes a list of numbers")
+    if c.axis == "budget":
+        if not all(isinstance(m, (int, float)) and m > 0 for m in c.levels):
+            raise ConfigError(f"{path}: cross.levels: budget multiples must be positive numbers (got {c.levels})")
+        out = {f"{m:g}x": ({}, float(m)) for m in c.levels}
+    elif c.axis == "size":
+        if not all(isinstance(d, int) and d >= 1 for d in c.levels):
+            raise ConfigError(f"{path}: cross.levels: sizes are model depths, whole numbers >= 1 (got {c.levels})")
+        base = load_config(preset, spec.base.variant, {k: v for k, v in spec.overrides.items() if k != "variant"})
+        out = {f"depth{d}": (size_overrides(base, d), 1.0) for d in c.levels}
+    else:
+        out = {k: (v, 1.0) for k, v in _levels(SweepSpec.model_validate({**spec.model_dump(), "axis": c.axis,
+                                                                          "levels": c.levels, "cross": None}), path).items()}
+    if len(out) != len(c.levels):
+        raise ConfigError(f"{path}: cross.levels: duplicate level in {c.levels}")
+    if bad := [lv for lv in out if "/" in lv or "@" in lv or lv.startswith(".")]:
+        raise ConfigError(f"{path}: cross level {bad[0]!r}: a level name cannot contain '/' or '@' or start with '.'")
+    return out
+
+
+def _kept(spec: SweepSpec, level: str, group: str | None) -> bool:
+    """Whether the cross's `keep` selectors let cell (level, group) run."""
+    if group is None or not spec.cross.keep:
+        return True
+    coords = {spec.axis: level, spec.cross.axis: group}
+    return any(all(str(coords.get(axis, "\0")) == _cross_label(spec, axis, v) for axis, v in sel.items())
+               for sel in spec.cross.keep)
+
+
+def _cross_label(spec: SweepSpec, axis: str, value: Any) -> str:
+    """A selector's value as the label its axis gives it (budget 1 -> "1x", size 6 -> "depth6")."""
+    if axis == spec.cross.axis == "budget" and isinstance(value, (int, float)):
+        return f"{value:g}x"
+    if axis == spec.cross.axis == "size" and isinstance(value, int):
+        return f"depth{value}"
+    return _label(value)
+
+
+def size_overrides(base: ExperimentConfig, depth: int) -> dict[str, Any]:
+    """The model at `depth` layers, scaled the way the presets are: width = the base's width per layer x depth
+    (rounded to whole heads of the base's head_dim), heads from the width, the base's kv-head ratio; the
+    AdamW rates of the embedding-like tables (embedding, unembedding, bank) scale as 1/sqrt(width), the
+    reference's rule (tiny's 0.4 = 0.2 x (768/192)^0.5); matrix (Muon) and scalar rates stay."""
+    m, t = base.model, base.train
+    heads = max(1, round(m.d_model / m.n_layers * depth / m.head_dim))
+    width = heads * m.head_dim
+    kv = max(1, heads * m.n_kv_heads // m.n_heads)
+    scale = (m.d_model / width) ** 0.5
+    return {"model.n_layers": depth, "model.d_model": width, "model.n_heads": heads, "model.n_kv_heads": kv,
+            "train.lr_embedding": t.lr_embedding * scale, "train.lr_unembedding": t.lr_unembedding * scale,
+            "train.lr_bank": t.lr_bank * scale}
 
 
 def cell_budgets(sweep: Sweep) -> list[tuple[Budget, dict[str, int]]]:

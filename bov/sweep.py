@@ -139,7 +139,8 @@ class Objective:
         sweep, spec = self.sweep, self.sweep.spec
         resume = self._was_tried(trial, level, seed) and (run_dir / "last.ckpt").is_file() and (run_dir / "run.json").is_file()
         tags = {tracking.TAG_STUDY: sweep.name, tracking.TAG_TRIAL: str(trial.number), tracking.TAG_AXIS: spec.axis,
-                tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed), tracking.TAG_SWEEP_FILE: sweep.path.name}
+                tracking.TAG_LEVEL: level, tracking.TAG_CELL_SEED: str(seed), tracking.TAG_SWEEP_FILE: sweep.path.name,
+                **{tracking.TAG_COORD + axis: lv for axis, lv in sweep.coords(level).items()}}
         for k, v in (("axis", spec.axis), ("level", level), ("seed", seed), ("host", socket.gethostname()),
                      ("pid", os.getpid()), ("run_dir", str(run_dir)), (CONFIG_HASH_ATTR, cfg.config_hash())):
             trial.set_user_attr(k, v)

@@ -41,6 +41,7 @@ TAG_GIT, TAG_CONFIG_HASH, TAG_DATA, TAG_REPEATED = "git_commit", "config_hash", 
 TAG_ERROR, TAG_RESUMED_AFTER_ERROR = "error", "resumed_after_error"
 # tags of sweep trials and of a sweep's parent run
 TAG_STUDY, TAG_TRIAL, TAG_AXIS, TAG_LEVEL, TAG_CELL_SEED = "bov.study", "bov.trial", "bov.axis", "bov.level", "bov.seed"
+TAG_COORD = "bov.coord."  # + axis: a crossed study's cell, its level on that axis (bov.coord.budget = 2x)
 TAG_SWEEP_FILE, TAG_ROLE, TAG_PRUNED_AT = "bov.sweep_file", "bov.role", "bov.pruned_at_step"
 TAG_FAILED_CELLS = "bov.failed_cells"  # on a sweep's parent run: "level seed N: reason; ..."
 ROLE_SWEEP = "sweep"
@@ -315,6 +316,7 @@ def study_definition(sweep) -> dict[str, Any]:
     return {"study": sweep.name, "definition": spec.study, "axis": spec.axis, "levels": sweep.levels,
             "seeds": sweep.seeds, "metric": spec.metric, "baseline_level": spec.baseline_level,
             "references": sweep.references, "paper": spec.paper.model_dump() if spec.paper else None,
+            "axes": sweep.axes,
             "preset": sweep.preset, "sampler": spec.sampler, "sweep_file": sweep.path.name,
             "budget": {k: v for k, v in sweep.cells[0].overrides.items() if k.startswith("train.max_") and v is not None}}
 

@@ -196,11 +196,15 @@ class Grid:
         sweep, metric = self.sweep, self.sweep.spec.metric
         trials = study.get_trials(deepcopy=False)
         runs = pd.DataFrame([{"level": cell_of(t)[0], "seed": cell_of(t)[1], metric: t.value,
-                              "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs")}
+                              "tokens": t.user_attrs.get("tokens"), "epochs": t.user_attrs.get("epochs"),
+                              "flops_per_token": t.user_attrs.get("flops_per_token")}
                              for t in trials if t.state == TrialState.COMPLETE and cell_of(t)],
-                            columns=["level", "seed", metric, "tokens", "epochs"])
-        table = compare(runs, baseline=sweep.spec.baseline_level, metric=metric, order=sweep.levels,
-                        references=sweep.references)
+                            columns=["level", "seed", metric, "tokens", "epochs", "flops_per_token"])
+        if sweep.axes:
+            table = self._crossed(runs)
+        else:
+            table = compare(runs, baseline=sweep.spec.baseline_level, metric=metric, order=sweep.levels,
+                            references=sweep.references)
         table = table.set_index("level").reindex(sweep.levels).rename_axis("level").reset_index()  # levels yet to run
         table["runs"] = table["runs"].fillna(0).astype(int)
         failed = {cell_of(t) for t in trials if t.state == TrialState.FAIL and cell_of(t) and t.user_attrs.get(FINAL_FAILURE)}
@@ -211,14 +215,49 @@ class Grid:
             table.attrs["verdicts"] = verdicts(runs, sweep.spec.paper.model_dump(), sweep.references, metric=metric)
         return table
 
+    def _crossed(self, runs):
+        """A crossed study: each first-axis level against the baseline at the same second-axis level, and with a
+        budget ladder the compute multiplier (bov.scaling), or the line that says why there is none."""
+        from bov.analysis import compare_within
+        from bov.scaling import LadderError, multipliers
+
+        sweep, (a, b) = self.sweep, (ax["name"] for ax in self.sweep.axes)
+        runs = runs.assign(**{axis: [sweep.coords(lv)[axis] for lv in runs["level"]] for axis in (a, b)},
+                           compute=runs["tokens"] * runs["flops_per_token"])
+        table = compare_within(runs, group=b, by=a, baseline=sweep.spec.baseline_level, metric=sweep.spec.metric,
+                               order=sweep.axes[0]["levels"], references=sweep.references)
+        if table.empty:
+            return table.assign(level=[], runs=[])
+        table["level"] = table[a] + "@" + table[b]
+        if sweep.axes[1]["kind"] == "budget":
+            try:
+                m = multipliers(runs, by=a, budget=b, baseline=sweep.spec.baseline_level, metric=sweep.spec.metric)
+                table = table.merge(m[[a, b, "multiplier", "ci_low", "ci_high", "extrapolated"]].rename(
+                    columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high"}), on=[a, b], how="left")
+            except LadderError as e:
+                table.attrs["no_multiplier"] = str(e)
+        return table
+
     def format(self, table) -> str:
         from bov.analysis import format_table
+        from bov.scaling import format_multiplier
 
         spec = self.sweep.spec
         shown = format_table(table, metric=spec.metric, baseline=spec.baseline_level)
         if table["failed"].any():
             shown.insert(2, "failed", table["failed"])
+        if "multiplier" in table:
+            shown["× compute (95% CI)"] = [format_multiplier(*r) for r in zip(
+                table["multiplier"], table["multiplier_low"], table["multiplier_high"], table["extrapolated"])]
         text = shown.to_markdown(index=False, disable_numparse=True)
+        if self.sweep.axes:
+            axis = self.sweep.axes[1]["name"]
+            text += f"\n\nΔ: against {spec.baseline_level} at the same {axis}, paired by seed."
+            if "multiplier" in table:
+                text += (" × compute: the baseline's compute at which its fitted ladder reaches the level's loss, over "
+                         "the level's own (bov.scaling); 95% interval by bootstrap over seeds.")
+            if "no_multiplier" in table.attrs:
+                text += f" No compute multiplier: {table.attrs['no_multiplier']}."
         v = table.attrs.get("verdicts")
         if v is not None and len(v):
             from bov.stats import format_verdicts

@@ -95,8 +95,10 @@ def test_every_sweep_definition_resolves_before_compute():
         key = {"flops": "max_flops", "tokens": "max_tokens", "steps": "max_steps"}[sweep.spec.budget.match]
         named = sweep.spec.levels if isinstance(sweep.spec.levels, dict) else {}
         matched = [c for c in sweep.cells if not set(named.get(c.level) or {}) & set(BUDGET_KEYS)]
-        budgets = {getattr(c.cfg.train, key) for c in matched}
-        assert len(budgets) <= 1 and None not in budgets  # matched: one FLOPs (or token) budget for every cell
+        groups = {c.coords.get(sweep.spec.cross.axis) if sweep.spec.cross else None for c in matched}
+        for group in groups:  # a crossed study: one budget per level of its second axis
+            budgets = {getattr(c.cfg.train, key) for c in matched if not sweep.spec.cross or c.coords[sweep.spec.cross.axis] == group}
+            assert len(budgets) <= 1 and None not in budgets  # matched: one FLOPs (or token) budget for every cell
     assert {"bank_layers", "value_mode", "value_source", "value_coeff", "value_residual", "bank_init",
             "bank_sharing", "variants", "table1", "component_ablation"} <= set(list_sweeps())
 

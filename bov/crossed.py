@@ -1,0 +1,92 @@
+"""A crossed study (two axes as one grid: variant x budget, variant x size, ...) from MLflow to tables and figures.
+
+Runs are grouped by their coordinate tags (`coord.<axis>` columns, bov.tracking.TAG_COORD), never by parsing
+level names. `report` writes, under the study's results folder:
+
+* `table.{md,csv,tex}`: at each level of the second axis, every first-axis level against the baseline (and
+  each other reference) at that same level, paired by seed; with a budget ladder, the compute multiplier
+  of each variant (bov.scaling) as a column, or the one line that says why there is none;
+* `compute.png`: the metric against training FLOPs, every seed, with the baseline's fitted ladder;
+* `multipliers.png` (a budget axis) and `size_trend.md` / `size_trend_<variant>.png` (a size axis);
+* `curves.png`: learning curves of every cell group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bov import analysis as A
+from bov.figures import (
+    plot_compute,
+    plot_curves,
+    plot_multipliers,
+    plot_size_trend,
+    save,
+)
+from bov.scaling import LadderError, format_multiplier, multipliers, size_trend
+
+
+def report(study: A.Study, out_dir: Path, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Tables and figures of a crossed study (see the module docstring)."""
+    if study.runs.empty:
+        raise ValueError(f"study {study.name!r} has no finished runs yet (run the sweep first)")
+    first, second = study.axes
+    a, b = f"coord.{first['name']}", f"coord.{second['name']}"
+    metric, base = study.metric, study.baseline
+    runs = study.runs.assign(compute=study.runs["tokens"] * study.runs["flops_per_token"])
+    runs["compute_group"] = runs[b]
+    table = A.compare_within(runs, group=b, by=a, baseline=base, metric=metric, order=first["levels"],
+                             references=study.references)
+    rank = {lv: i for i, lv in enumerate(second["levels"])}
+    table = table.sort_values(b, key=lambda s: s.map(rank), kind="stable", ignore_index=True)
+    notes, files, out = [], [], {"multipliers": None, "trends": {}}
+    shown = A.format_table(table, by=a, metric=metric, baseline=base)
+    shown = shown.rename(columns={a: first["name"]})
+    shown.insert(1, second["name"], table[b])
+    fit = None
+    if second["kind"] == "budget":
+        try:
+            m = multipliers(runs, by=a, budget=b, baseline=base, metric=metric)
+            fit = m.attrs["fit"]
+            table = table.merge(m[[a, b, "multiplier", "ci_low", "ci_high", "extrapolated", "note"]]
+                                .rename(columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high",
+                                                 "note": "multiplier_note"}), on=[a, b], how="left")
+            shown["× compute (95% CI)"] = [format_multiplier(*r) for r in zip(
+                table["multiplier"], table["multiplier_low"], table["multiplier_high"], table["extrapolated"])]
+            notes.append(f"× compute: the baseline's compute at which its fitted ladder, {fit}, reaches the level's "
+                         f"loss, over the level's own compute; 95% interval by bootstrap over seeds ({len(m)} "
+                         "variant cells). Extrapolated: the loss lies outside the ladder's measured losses.")
+            out["multipliers"] = m
+            files += save(plot_multipliers(m, by=a, title=f"{study.name}: compute-equivalent multiplier"),
+                          out_dir, "multipliers")
+        except LadderError as e:
+            notes.append(f"No compute multiplier: {e}.")
+    if second["kind"] == "size":
+        lines = []
+        for variant in [lv for lv in first["levels"] if lv != base and lv in set(runs[a])]:
+            try:
+                sizes, trend = size_trend(runs, by=a, size=b, baseline=base, variant=variant, metric=metric)
+            except LadderError as e:
+                lines.append(f"No size trend for {variant}: {e}.")
+                continue
+            out["trends"][variant] = (sizes, trend)
+            lines += [trend["text"], "", sizes.to_markdown(index=False, floatfmt=".4g"), ""]
+            files += save(plot_size_trend(sizes, trend, title=f"{study.name}: {variant}", metric=metric),
+                          out_dir, f"size_trend_{variant}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "size_trend.md").write_text(f"# {study.name}: the gain against model size\n\n" + "\n".join(lines) + "\n")
+        files.append(out_dir / "size_trend.md")
+        notes += [ln for ln in lines if ln.startswith(("The gain", "No size"))]
+    seeds = sorted(set(runs["seed"].dropna()))
+    caption = (f"{study.name}: {metric} by {first['name']} at each {second['name']}; mean ± std over seeds "
+               f"({len(seeds)} seed(s)); Δ against {', '.join(study.references)} at the same {second['name']}, paired "
+               "by seed. " + " ".join(notes))
+    if len(seeds) < 2:
+        caption += " One seed: an anecdote, not a finding."
+    files += A.write_table(table, out_dir, "table", by=a, metric=metric, baseline=base, caption=caption, shown=shown)
+    files += save(plot_compute(runs, by=a, fit=fit, baseline=base, metric=metric, order=first["levels"],
+                               title=study.name), out_dir, "compute")
+    history = A.load_history(study.runs, tracking_uri=tracking_uri)
+    files += save(plot_curves(history, metric=metric, order=study.levels, title=study.name), out_dir, "curves")
+    return {**out, "table": table, "shown": shown, "caption": caption, "files": files}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from bov import tracking as T
@@ -107,7 +108,10 @@ def load_runs(experiment: str, tracking_uri: str | None = None, status: Sequence
     for col in [c for c in raw if c.startswith(f"tags.{T.TAG_COORD}")]:  # a crossed study: coord.<axis>
         out["coord." + col.removeprefix(f"tags.{T.TAG_COORD}")] = raw[col].to_numpy()
     params = {c[len("params."):]: raw[c].map(_number).to_numpy() for c in raw if c.startswith("params.")}
-    metrics = {c[len("metrics."):]: raw[c].to_numpy(dtype=float) for c in raw if c.startswith("metrics.")}
+    metrics = {c[len("metrics."):].removeprefix(T.SETUP): raw[c].to_numpy(dtype=float) for c in raw
+               if c.startswith("metrics.")}
+    for key in set(params) & set(metrics):  # a run's setup: params in older runs, `setup/` metrics since (T.SETUP)
+        params[key] = np.where(pd.isna(metrics[key]), params[key], metrics.pop(key))
     out = pd.concat([out, pd.DataFrame(params), pd.DataFrame(metrics)], axis=1)
     out = out.loc[:, ~out.columns.duplicated()]  # the config's own `variant`/`preset` equal the tags
     out["seed"] = pd.to_numeric(out["seed"], errors="coerce").astype("Int64")

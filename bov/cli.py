@@ -478,7 +478,7 @@ def figures(
     from bov import analysis as A
     from bov import notebooks as N
     from bov.paths import runs_dir, tracking_uri
-    from bov.tracking import relocate_artifacts
+    from bov.tracking import attach_results, relocate_artifacts, sweep_parent
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
@@ -511,9 +511,13 @@ def figures(
             N.run_notebook(notebook, out, {**env, "BOV_STUDY": name}, execute)
         except RuntimeError as e:
             fail(f"{name}: {e}", code=1)
-    for _, _, out in jobs:
+    for name, _, out in jobs:
         files = sorted(p.name for p in out.glob("*") if p.is_file())
         typer.echo(f"written: {out}/ ({', '.join(files)})")
+        parent = sweep_parent(uri, name) if name != "vcache_memory" else None
+        if parent:  # the MLflow UI shows what results/ shows: the tables as the description, every file attached
+            tables = [out / f for f in ("table.md", "verdicts.md", "size_trend.md") if (out / f).is_file()]
+            attach_results(uri, parent, out, f"# {name}\n\n" + "\n\n".join(t.read_text() for t in tables))
 
 
 @app.command()

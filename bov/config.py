@@ -291,7 +291,9 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under the runs dir
     run_name: str | None = None
     log_every: int = Field(10, ge=1)
-    system_metrics: bool = True
+    # CPU, memory, disk, network as system/* metrics: off, since they head every run's charts and pick the
+    # compare page's axes; `tracking.system_metrics=true` (or BOV_SYSTEM_METRICS=1) turns them on
+    system_metrics: bool = Field(default_factory=lambda: os.environ.get("BOV_SYSTEM_METRICS", "0") == "1")
 
 
 # (section, key, default) of keys added after runs were made: hashed only when set away from the default.

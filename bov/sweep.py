@@ -33,8 +33,9 @@ from bov.data import DataDrift, Recorded
 from bov.paths import RunBusy, RunLock, runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
 from bov.study import SWEEPS_DIR, Sweep, cell_budgets, list_sweeps, load_sweep  # noqa: F401 (re-exported)
-from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_of, changed_cells, failed_cells,  # noqa: F401
-                        format_summary, resumable, run_tag, sampling, summarize, write_summary)
+from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_deltas, cell_of, changed_cells,  # noqa: F401
+                        failed_cells, format_summary, resumable, run_tag, sampling, study_metrics, summarize,
+                        write_summary)
 
 
 DATA_ATTR = "bov.data"  # study attribute: data setting (data_key) -> the data identity its cells are trained on
@@ -458,6 +459,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     client.set_terminated(parent, status=status)
     table = summarize(study, sweep)
     files = write_summary(table, sweep, failed)
+    tracking.publish_study(uri, parent, f"# {sweep.name}\n\n{format_summary(table, sweep)}\n",
+                           study_metrics(table, sweep), int(table["runs"].sum()) if "runs" in table else 0,
+                           cell_deltas(study, sweep))
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1

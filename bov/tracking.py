@@ -45,6 +45,13 @@ TAG_COORD = "bov.coord."  # + axis: a crossed study's cell, its level on that ax
 TAG_SWEEP_FILE, TAG_ROLE, TAG_PRUNED_AT = "bov.sweep_file", "bov.role", "bov.pruned_at_step"
 TAG_FAILED_CELLS = "bov.failed_cells"  # on a sweep's parent run: "level seed N: reason; ..."
 ROLE_SWEEP = "sweep"
+TAG_RUN_NAME, TAG_NOTE = "mlflow.runName", "mlflow.note.content"  # MLflow's own: the name and the description
+# the layers the value axes act on (value_source's targets) and those of them that hold a bank table: "4,5"
+TAG_TARGET_LAYERS, TAG_BANK_LAYERS = "bov.target_layers", "bov.bank_layers"
+# What a run's setup derives (budget, parameter counts, data regime: `budget.tokens`, `params.bank`, ...) is
+# logged as metrics at step 0 named SETUP + key (one section of the MLflow chart view), not as params: params are
+# the settings a user chose. Older stores hold them as params; the analysis reads either (bov.analysis.load_runs).
+SETUP = "setup/"
 STUDY_ARTIFACT, SWEEP_ARTIFACT = "study.json", "sweep.yaml"
 
 # Optuna study / trial attributes that point at MLflow
@@ -203,11 +210,41 @@ def git_commit() -> str:
 
 
 def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Params as MLflow shows them: None (a setting left unset) is not logged."""
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, str(v)[:6000]) for k, v in params.items() if v is not None]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _log_derived(client, run_id: str, values: dict[str, Any]) -> None:
+    """A run's derived numbers as metrics at step 0 (timestamp 0, so a resumed run's re-log adds no history)."""
+    from mlflow.entities import Metric
+
+    items = [Metric(SETUP + k, float(v), 0, 0) for k, v in values.items() if v is not None]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, metrics=items[i : i + 100])
+
+
+def run_name(cfg, tags: dict[str, str] | None = None) -> str:
+    """What the MLflow UI lists a run as: `tracking.run_name` if set; a sweep cell's level and seed
+    (`last_third s0`); else `<preset>/<variant>` and the settings that differ from them (`tiny/bov
+    model.bank_layers=all train.seed=1`; a path shows its file name)."""
+    from bov.config import load_config
+
+    tags = tags or {}
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    if TAG_LEVEL in tags and TAG_CELL_SEED in tags:
+        return f"{tags[TAG_LEVEL]} s{tags[TAG_CELL_SEED]}"
+    try:
+        default = load_config(cfg.preset, cfg.variant).flat()
+    except Exception:  # a preset or variant file gone since: the name still says what it is
+        default = {}
+    changed = [f"{k}={Path(str(v)).name if isinstance(v, str) and '/' in v else v}" for k, v in cfg.flat().items()
+               if not k.startswith("tracking.") and default.get(k, v) != v]
+    return " ".join([f"{cfg.preset}/{cfg.variant}", *changed])[:250]
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -216,8 +253,9 @@ def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
 def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict[str, str], repeated: bool,
              state_path: Path, resume: bool = False, extra_tags: dict[str, str] | None = None,
              parent_run_id: str | None = None) -> str:
-    """Create a training run (params, tags, config artifact) and remember its id (and the data identity it is
-    trained on) in `state_path`; on resume, reopen the stored run, keeping why it stopped as `resumed_after_error`."""
+    """Create a training run (the config as params, `params`: what its setup derived, as metrics; tags; the
+    config artifact) and remember its id (and the data identity it is trained on) in `state_path`; on resume,
+    reopen the stored run, keeping why it stopped as `resumed_after_error`."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -233,8 +271,13 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict
         for k, v in (extra_tags or {}).items():  # e.g. the sweep trial that took the run over
             client.set_tag(run_id, k, v)
         return run_id
+    from bov.config import resolve_bank_layers
+
+    targets = resolve_bank_layers(cfg.model.bank_layers, cfg.model.n_layers)
     tags = {TAG_VARIANT: cfg.variant, TAG_PRESET: cfg.preset, TAG_SEED: str(cfg.train.seed), TAG_GIT: git_commit(),
             TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATA: data["fingerprint"], TAG_REPEATED: str(repeated).lower(),
+            TAG_TARGET_LAYERS: ",".join(map(str, targets)),
+            TAG_BANK_LAYERS: ",".join(map(str, targets)) if cfg.model.value_source == "bank" else "",
             **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -242,7 +285,8 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict
     tmp = state_path.with_name(f".{state_path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps({"run_id": run_id, "data": data}))
     os.replace(tmp, state_path)  # never a half-written run.json
-    _log_params(client, run_id, {**cfg.flat(), **params})
+    _log_params(client, run_id, cfg.flat())
+    _log_derived(client, run_id, params)
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     return run_id
 
@@ -382,6 +426,53 @@ def read_study_definition(run) -> dict[str, Any]:
         spec = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{SWEEP_ARTIFACT}"))
         out.update(baseline_level=spec.get("baseline_level"), definition=spec.get("study"))
     return out
+
+
+def metric_key(*parts: str) -> str:
+    """A metric name MLflow accepts (alphanumerics, _ - . space : /), from level names that may hold others."""
+    import re
+
+    return "/".join(re.sub(r"[^\w\-. :]", "_", str(p)) for p in parts)
+
+
+def publish_study(uri: str, parent: str, description: str, metrics: dict[str, float], step: int,
+                  cells: dict[str, dict[str, float]] | None = None) -> None:
+    """The study's answer where the MLflow UI shows it: the parent run's description (markdown) and its
+    per-level metrics, and each cell's own delta as a metric of its run (a column of the runs table). Logged at
+    `step` (the count of finished cells) with timestamp = step, so a re-run with the same cells adds no history."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(parent, TAG_NOTE, description[:60000])
+    for run_id, values in [(parent, metrics), *(cells or {}).items()]:
+        items = [Metric(k, float(v), step, step) for k, v in values.items() if v is not None and v == v]
+        for i in range(0, len(items), 500):
+            client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def attach_results(uri: str, parent: str, folder: Path, description: str | None = None) -> None:
+    """`make figures`' tables and figures as the parent run's `results/` artifacts (a re-run overwrites them),
+    and its table as the description."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    client.log_artifacts(parent, str(folder), artifact_path="results")
+    if description:
+        client.set_tag(parent, TAG_NOTE, description[:60000])
+
+
+def sweep_parent(uri: str, experiment: str) -> str | None:
+    """The run id of the sweep parent run of an experiment (the oldest, if several)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = '{ROLE_SWEEP}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def log_probe(uri: str, run_id: str, result: dict[str, Any]) -> None:

@@ -390,7 +390,7 @@ def _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, 
                     "budget.flops_per_token": budget.flops_per_token, "data.train_tokens": data.train.n_tokens,
                     **{f"params.{k}": v for k, v in params.items()},
                     **{f"regime.{k}": f"{v:.6g}" if isinstance(v, float) else v for k, v in regime.record().items()}}
-        run_id = tracking.open_run(cfg, uri, run_name=cfg.tracking.run_name or run_key(cfg), params=recorded,
+        run_id = tracking.open_run(cfg, uri, run_name=tracking.run_name(cfg, extra_tags), params=recorded,
                                    data=data.identity, repeated=regime.repeated, state_path=state_path,
                                    resume=resume, extra_tags=extra_tags, parent_run_id=parent_run_id)
         log(f"mlflow run {run_id} ({uri})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from bov import tracking
 from bov.config import ConfigError, ExperimentConfig, load_config
 from bov.paths import runs_dir
 from bov.study import SearchParam, Sweep
@@ -390,6 +391,45 @@ def format_summary(table, sweep: Sweep) -> str:
     if table.empty:
         return "(no completed trials)"
     return sampling(sweep).format(table)
+
+
+def study_metrics(table, sweep: Sweep) -> dict[str, float]:
+    """The parent run's metrics from the summary table: per level its mean, its delta against each reference
+    with the interval, and its compute multiplier where there is one (`val_bpb_mean/last_third`,
+    `val_bpb_delta_vs_none/last_third`, `..._ci_low/...`)."""
+    name = sweep.spec.metric.replace("/", "_")
+    out: dict[str, float] = {}
+    refs = sweep.references
+    for r in table.to_dict("records") if "level" in table else []:
+        lv = r["level"]
+        out[tracking.metric_key(f"{name}_mean", lv)] = r.get(f"{sweep.spec.metric} mean")
+        for ref in refs:
+            sfx = "" if ref == sweep.spec.baseline_level else f" vs {ref}"
+            if lv.split("@")[0] == ref or f"delta{sfx}" not in r:
+                continue
+            for col, tail in (("delta", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+                out[tracking.metric_key(f"{name}_delta_vs_{ref}{tail}", lv)] = r.get(f"{col}{sfx}")
+        for col, tail in (("multiplier", ""), ("multiplier_low", "_ci_low"), ("multiplier_high", "_ci_high")):
+            if r.get(col) is not None:
+                out[tracking.metric_key(f"compute_multiplier{tail}", lv)] = r[col]
+    return {k: v for k, v in out.items() if v is not None and v == v and abs(v) != float("inf")}
+
+
+def cell_deltas(study, sweep: Sweep) -> dict[str, dict[str, float]]:
+    """Each finished cell's run -> its delta against each reference level's cell of the same seed (and, in a
+    crossed study, the same second-axis level): `val_bpb_delta_vs_none`, a column of the MLflow runs table."""
+    from optuna.trial import TrialState
+
+    done = {cell_of(t): t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and cell_of(t)}
+    name, out = sweep.spec.metric.replace("/", "_"), {}
+    for (level, seed), t in done.items():
+        run_id = t.user_attrs.get(tracking.TRIAL_RUN_ID)
+        first, _, group = level.partition("@")
+        for ref in sweep.references:
+            other = done.get((f"{ref}@{group}" if group else ref, seed))
+            if run_id and other is not None and first != ref:
+                out.setdefault(run_id, {})[f"{name}_delta_vs_{ref}"] = t.value - other.value
+    return out
 
 
 def write_summary(table, sweep: Sweep, failed: list[tuple[str, int, str]] = ()) -> list[Path]:

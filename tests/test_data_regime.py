@@ -91,5 +91,5 @@ def test_repeating_run_says_so_and_records_its_regime(tmp_path):
     assert s["tokens_per_param_non_embedding"] == pytest.approx(5120 / s["params_non_embedding"])
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(s["run_id"])
     assert run.data.tags["data_repeated"] == "true"
-    assert run.data.params["regime.unique_tokens"] == "1280" and run.data.params["regime.epochs"] == "4"
+    assert run.data.metrics["setup/regime.unique_tokens"] == 1280 and run.data.metrics["setup/regime.epochs"] == 4  # derived: metrics
     assert run.data.params["data.max_unique_tokens"] == "0.25x"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 import yaml
 
@@ -287,6 +288,21 @@ def test_two_workers_share_a_grid_without_running_a_cell_twice(tmp_path):
     trials = assert_each_cell_once(runs, "mini-micro", cells)
     assert len(trials) == 6 and len(child_runs(runs, "mini-micro")) == 6
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers ran cells
+    # the MLflow UI answers the study's question: cells named by what they are, each with its paired delta as
+    # a runs-table column; the parent run's description is the summary table, its metrics each level's delta
+    children = {r.info.run_name: r for r in child_runs(runs, "mini-micro")}
+    assert set(children) == {f"{lv} s{s}" for lv, s in cells}
+    for s in (0, 1):
+        delta = children[f"all s{s}"].data.metrics["val_bpb_delta_vs_none"]
+        assert delta == pytest.approx(children[f"all s{s}"].data.metrics["val/bpb"] - children[f"none s{s}"].data.metrics["val/bpb"])
+    assert "val_bpb_delta_vs_none" not in children["none s0"].data.metrics
+    parent = next(r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep")
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("# mini-micro") and "| last_third " in note and "Δ vs none (95% CI)" in note
+    summary = pd.read_csv(runs / "sweeps" / "mini-micro" / "summary.csv").set_index("level")
+    for key, col in (("val_bpb_delta_vs_none", "delta"), ("val_bpb_delta_vs_none_ci_low", "ci_low"),
+                     ("val_bpb_mean", "val/bpb mean")):
+        assert parent.data.metrics[f"{key}/all"] == pytest.approx(summary.loc["all", col])
 
 
 @pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run

@@ -48,6 +48,17 @@ def test_wsd_schedule_shape():
     assert f[99] == pytest.approx(1 - 0.95 * 34 / 35) and all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
+def test_a_run_is_named_by_what_it_is():
+    from bov.tracking import run_name
+
+    cfg = load_config("micro", "bov", {"model.bank_layers": "all", "train.seed": 1, "data.source": "/x/y/text.txt",
+                                       "tracking.log_every": 3})
+    assert run_name(cfg) == "micro/bov model.bank_layers=all data.source=text.txt train.seed=1"
+    assert run_name(cfg, {"bov.level": "all", "bov.seed": "1"}) == "all s1"  # a sweep cell
+    named = load_config("micro", "bov", {"tracking.run_name": "mine"})
+    assert run_name(named, {"bov.level": "all", "bov.seed": "1"}) == "mine"
+
+
 def test_train_logs_everything_to_mlflow(runs):
     cfg = load_config("micro", "bov_add", {"train.max_steps": 20, "tracking.log_every": 5})
     s = run_training(cfg, log=lambda m: None)
@@ -59,6 +70,14 @@ def test_train_logs_everything_to_mlflow(runs):
     assert run.data.tags["variant"] == "bov_add" and run.data.tags["preset"] == "micro"
     assert {"git_commit", "config_hash", "data_fingerprint", "seed"} <= set(run.data.tags)
     assert run.data.params["model.bank_layers"] == "last_third"
+    # what the MLflow UI lists: a name saying what the run is, the settings chosen (none unset), what the setup
+    # derived as one `setup/` metrics section, the layers that hold a bank, no system/* metrics unless asked
+    assert run.info.run_name == "micro/bov_add"  # train.max_steps=20 is micro's own
+    assert "None" not in run.data.params.values() and "train.max_flops" not in run.data.params
+    assert not [k for k in run.data.params if k.startswith(("budget.", "params.", "regime."))]
+    assert run.data.metrics["setup/budget.tokens"] == 20 * 4 * 64 and run.data.metrics["setup/params.bank"] > 0
+    assert run.data.tags["bov.bank_layers"] == "2,3" == run.data.tags["bov.target_layers"]
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
     m = run.data.metrics
     for key in ("train/loss", "val/loss", "val/bpb", "lr/matrix", "lr/bank", "lr/scalar", "tokens", "flops",
                 "throughput/tokens_per_s", "coeff/layer02/a", "coeff/layer03/b"):

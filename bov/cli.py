@@ -123,12 +123,22 @@ def prepare_cmd(
     set_: Optional[List[str]] = SET,
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="a streaming source: tokens to pack "
                                          "(default: what the config's budget reads)"),
+    study: Optional[str] = typer.Option(None, "--study", help="a study under sweeps/ (or a YAML path): every data "
+                                        "setting of its cells, e.g. once before a cluster job array of workers"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks to cache for offline `bov eval` "
+                                        "(e.g. core), comma-separated"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="a directory of lm-eval task YAMLs"),
 ) -> None:
-    """Tokenize a corpus once: the tokenizer and token streams every run, budget and sweep cell then reuses."""
+    """Tokenize a corpus once (the tokenizer and token streams every run, budget and sweep cell then reuses), or
+    fetch the datasets of lm-eval tasks once, so that later runs need no network."""
+    if tasks is not None:
+        return _prepare_tasks(tasks, include_path)
     from bov.budget import model_shape, plan_budget, world_size
     from bov.data import DataError, prepare
     from bov.sources import check_source
 
+    if study is not None:
+        return _prepare_study(study)
     cfg = load_or_exit(preset, variant, set_)
     try:
         check_source(cfg.data)
@@ -139,6 +149,43 @@ def prepare_cmd(
     typer.echo(f"{cfg.data.source}: train {data.train.n_tokens:,} tokens, validation {data.val.n_tokens:,} tokens, "
                f"vocabulary {len(data.token_bytes):,}; streams in {data.train.path.parent}, "
                f"tokenizer {data.tokenizer_path}")
+
+
+def _prepare_study(name: str) -> None:
+    from bov.data import DataError
+    from bov.sources import check_source
+    from bov.study import load_sweep
+    from bov.sweep import prepare_study
+
+    try:
+        sweep = load_sweep(name)
+        for c in sweep.cells:
+            check_source(c.cfg.data)
+        prepared = prepare_study(sweep, log=typer.echo)
+    except (ConfigError, DataError, ValueError) as e:
+        fail(str(e))
+    for data in prepared.values():
+        typer.echo(f"{sweep.name}: train {data.train.n_tokens:,} tokens, validation {data.val.n_tokens:,} tokens; "
+                   f"streams in {data.train.path.parent}")
+
+
+def _prepare_tasks(tasks: str, include_path: Optional[Path]) -> None:
+    from bov.lmeval import cache_tasks, task_manager
+
+    if include_path is not None and not include_path.is_dir():
+        fail(f"--include-path: no directory at {include_path}")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    try:
+        found, where = cache_tasks(names, task_manager(names, str(include_path) if include_path else None))
+    except ValueError as e:
+        fail(str(e))
+    except (ConnectionError, OSError) as e:  # no network and nothing cached: say which task and what to do
+        fail(f"--tasks {tasks}: a dataset could not be fetched ({str(e).splitlines()[0][:300]}); run this where "
+             "the Hugging Face Hub is reachable, then copy the cache (BOV_CACHE_DIR or HF_DATASETS_CACHE)")
+    for task, n in sorted(found.items()):
+        typer.echo(f"{task}: {n:,} documents")
+    typer.echo(f"cached {len(found)} task(s) under {where}; `bov eval --tasks {tasks}` now runs with "
+               "HF_DATASETS_OFFLINE=1")
 
 
 @app.command("bench-train")

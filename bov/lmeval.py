@@ -206,17 +206,32 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     return manager
 
 
-def run_tasks(loaded, tasks: list[str], manager, num_fewshot: int | None = None, limit: float | None = None,
-              batch_size: int = 8, log_samples: bool = False) -> dict:
-    """lm-eval's simple_evaluate on a loaded checkpoint."""
+def use_datasets_cache() -> Path:
+    """Task datasets are cached with bov's other state, unless the user points HF_DATASETS_CACHE elsewhere."""
     import os
 
     import datasets
-    from lm_eval import simple_evaluate
 
     from bov.paths import cache_dir
 
-    # task datasets are cached with bov's other state unless the user points HF_DATASETS_CACHE elsewhere
     datasets.config.HF_DATASETS_CACHE = Path(os.environ.get("HF_DATASETS_CACHE") or cache_dir("datasets"))
+    return datasets.config.HF_DATASETS_CACHE
+
+
+def cache_tasks(tasks: list[str], manager) -> tuple[dict[str, int], Path]:
+    """Every dataset the tasks (and the tasks of their groups) read, downloaded once into the datasets cache, so
+    that `bov eval --tasks` runs later without network (HF_DATASETS_OFFLINE=1): task -> documents, and the cache."""
+    where = use_datasets_cache()
+    leaves = manager.load(tasks)["tasks"]  # every leaf task of the groups, flat; building one loads its dataset
+    found = {name: len(list(task.eval_docs)) for name, task in leaves.items()}
+    return found, where
+
+
+def run_tasks(loaded, tasks: list[str], manager, num_fewshot: int | None = None, limit: float | None = None,
+              batch_size: int = 8, log_samples: bool = False) -> dict:
+    """lm-eval's simple_evaluate on a loaded checkpoint."""
+    from lm_eval import simple_evaluate
+
+    use_datasets_cache()
     return simple_evaluate(model=BovLM(loaded=loaded, batch_size=batch_size), tasks=tasks, num_fewshot=num_fewshot,
                            limit=limit, task_manager=manager, log_samples=log_samples)

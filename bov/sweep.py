@@ -335,6 +335,26 @@ class SweepResult:
     files: list[Path]
 
 
+def prepare_study(sweep: Sweep, records: dict[str, Recorded] | None = None, log=print) -> dict[str, Any]:
+    """Every data setting of the study tokenized once (the largest budget of any cell), so that workers only read
+    caches; and every cell's data regime (data.max_unique_tokens against the stream) checked before any training.
+    `bov prepare --study` runs this alone, e.g. as one cluster job before a job array of workers."""
+    records = records or {}
+    shapes = cell_budgets(sweep)
+    most = max(b.tokens for b, _ in shapes)
+    prepared: dict[str, Any] = {}
+    for c, (budget, params) in zip(sweep.cells, shapes):
+        key = data_key(c.cfg)  # a prefix of the same streams
+        if key not in prepared:
+            prepared[key] = prepare(c.cfg, stream_tokens=most + c.cfg.model.seq_len + 1, log=log,
+                                    expect=[records[key]] if key in records else [])
+        try:
+            data_regime(c.cfg, budget, prepared[key].train.n_tokens, params)
+        except DataError as e:
+            raise ConfigError(f"{sweep.path}: level {c.level}: {e}") from None
+    return prepared
+
+
 def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartbeat: int = 30,
               retry_failed: bool = False, log=print) -> SweepResult:
     """Create or continue the study, run `workers` local workers to completion, summarize."""
@@ -374,20 +394,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     _refuse_changed_cells(sweep, existing, uri)
     records = _records(sweep, existing, uri)
 
-    # data once, here, so that workers only read caches (the largest budget of any cell); and every
-    # cell's data regime (data.max_unique_tokens against the stream) checked before any training
-    shapes = cell_budgets(sweep)
-    most = max(b.tokens for b, _ in shapes)
-    prepared: dict[str, Any] = {}
-    for c, (budget, params) in zip(sweep.cells, shapes):
-        key = data_key(c.cfg)  # a prefix of the same streams
-        if key not in prepared:
-            prepared[key] = prepare(c.cfg, stream_tokens=most + c.cfg.model.seq_len + 1, log=log,
-                                    expect=[records[key]] if key in records else [])
-        try:
-            data_regime(c.cfg, budget, prepared[key].train.n_tokens, params)
-        except DataError as e:
-            raise ConfigError(f"{sweep.path}: level {c.level}: {e}") from None
+    prepared = prepare_study(sweep, records, log)
 
     kind = sampling(sweep)
     with ClaimLock(url, sweep.name):  # one creator of the study and of its parent run

@@ -339,3 +339,22 @@ def test_probe_cli_draws_a_figure_per_probe_and_attaches_its_artifact(in_runs, t
     mlflow.set_tracking_uri(f"sqlite:///{t['root'] / 'runs' / 'mlflow.db'}")
     logged = T.read_probe(mlflow.get_tracking_uri(), t["summary"]["run_id"])
     assert logged["variant"] == "bov" and logged["layers"] == t["cfg"].model.n_layers
+
+
+@pytest.mark.slow  # two lm-eval imports, one in a subprocess: in `make test-slow`
+def test_prepare_tasks_caches_their_datasets_for_an_offline_eval(tmp_path, monkeypatch):
+    """`bov prepare --tasks` builds every task once, so its dataset lands in bov's cache; a later process with
+    HF_DATASETS_OFFLINE=1 finds it there. The Hub is out of reach here: a local JSON task stands in for `core`."""
+    monkeypatch.setenv("BOV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    tasks = _next_line_task(tmp_path, n=40)
+    res = CliRunner().invoke(app, ["prepare", "--tasks", "bov_next_line", "--include-path", str(tasks)])
+    assert res.exit_code == 0, res.output
+    assert "bov_next_line: 40 documents" in res.output and f"under {tmp_path / 'cache' / 'datasets'}" in res.output
+    assert any((tmp_path / "cache" / "datasets").rglob("*.arrow"))  # the prepared split, in bov's cache
+    offline = subprocess.run([sys.executable, "-m", "bov.cli", "prepare", "--tasks", "bov_next_line", "--include-path",
+                              str(tasks)], env={**os.environ, "HF_DATASETS_OFFLINE": "1"}, capture_output=True,
+                             text=True, timeout=600)
+    assert offline.returncode == 0 and "bov_next_line: 40 documents" in offline.stdout, offline.stderr[-2000:]
+    bad = CliRunner().invoke(app, ["prepare", "--tasks", "no_such_task_anywhere"])
+    assert bad.exit_code == 2 and "unknown task 'no_such_task_anywhere'" in bad.output

@@ -236,8 +236,6 @@ def load_sweep(
         budget = _scaled(_budget(ref, spec.budget.match, steps, spec.budget.tokens_per_param), multiple)
         sweep.cells += [cell(level, group, seed, budget) for level in levels for seed in spec.seeds
                         if _kept(spec, level, group)]
-    if not sweep.cells:
-        raise ConfigError(f"{path}: cross.keep: no cell matches")
     if spec.cross is not None:
         sweep.axes = [{"name": spec.axis, "kind": "levels", "levels": list(levels)},
                       {"name": spec.cross.axis, "kind": _kind(spec.cross.axis), "levels": list(groups)}]
@@ -334,6 +332,16 @@ def _second_levels(spec: SweepSpec, path: Path, preset: str) -> dict[str | None,
                                                                           "levels": c.levels, "cross": None}), path).items()}
     if len(out) != len(c.levels):
         raise ConfigError(f"{path}: cross.levels: duplicate level in {c.levels}")
+    if spec.paper is not None:  # its values name levels of one axis; a crossed cell has two
+        raise ConfigError(f"{path}: paper: the paper's claims are checked in a single-axis study, not a crossed one")
+    first = list(_levels(spec, path))
+    for i, sel in enumerate(c.keep):
+        for axis, value in sel.items():
+            known = first if axis == spec.axis else list(out) if axis == c.axis else None
+            if known is None:
+                raise ConfigError(f"{path}: cross.keep[{i}]: {axis!r} is not an axis ({spec.axis}, {c.axis})")
+            if _cross_label(spec, axis, value) not in known:
+                raise ConfigError(f"{path}: cross.keep[{i}]: {axis}={value!r} is not a level ({', '.join(known)})")
     if bad := [lv for lv in out if "/" in lv or "@" in lv or lv.startswith(".")]:
         raise ConfigError(f"{path}: cross level {bad[0]!r}: a level name cannot contain '/' or '@' or start with '.'")
     return out

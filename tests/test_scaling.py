@@ -166,9 +166,13 @@ def test_a_size_cross_scales_width_heads_and_table_rates_and_ties_tokens_to_size
 @pytest.mark.parametrize("cross,fields,message", [
     ({"axis": "size", "levels": [4, 6.5]}, {}, "cross.levels: sizes are model depths"),
     ({"axis": "budget", "levels": [1, -2]}, {}, "cross.levels: budget multiples must be positive"),
-    ({"axis": "budget", "levels": [1, 2], "keep": [{"variant": "nope"}]}, {}, "cross.keep: no cell matches"),
+    ({"axis": "budget", "levels": [1, 2], "keep": [{"variant": "nope"}]}, {}, "cross.keep[0]: variant='nope' is not a level"),
     ({"axis": "budget", "levels": [1, 1.0]}, {}, "cross.levels: duplicate level"),
     ({"axis": "budget"}, {}, "cross.levels: Field required"),
+    ({"axis": "budget", "levels": [1, 2], "keep": [{"varaint": "bov"}]}, {}, "cross.keep[0]: 'varaint' is not an axis"),
+    ({"axis": "budget", "levels": [1, 2], "keep": [{"budget": 3}]}, {}, "cross.keep[0]: budget=3 is not a level (1x, 2x)"),
+    ({"axis": "budget", "levels": [1, 2]}, {"paper": {"source": "x", "values": {"bov": 0.8}}},
+     "paper: the paper's claims are checked in a single-axis study"),
 ])
 def test_a_bad_cross_is_one_line_naming_the_key(tmp_path, cross, fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

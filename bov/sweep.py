@@ -33,9 +33,9 @@ from bov.data import DataDrift, Recorded
 from bov.paths import RunBusy, RunLock, runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
 from bov.study import SWEEPS_DIR, Sweep, cell_budgets, list_sweeps, load_sweep  # noqa: F401 (re-exported)
-from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_deltas, cell_of, changed_cells,  # noqa: F401
-                        failed_cells, format_summary, resumable, run_tag, sampling, study_metrics, summarize,
-                        write_summary)
+from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_deltas, cell_of, cell_run_names,  # noqa: F401
+                        changed_cells, failed_cells, format_summary, resumable, run_tag, sampling, study_metrics,
+                        summarize, write_summary)
 
 
 DATA_ATTR = "bov.data"  # study attribute: data setting (data_key) -> the data identity its cells are trained on
@@ -339,6 +339,9 @@ def prepare_study(sweep: Sweep, records: dict[str, Recorded] | None = None, log=
     """Every data setting of the study tokenized once (the largest budget of any cell), so that workers only read
     caches; and every cell's data regime (data.max_unique_tokens against the stream) checked before any training.
     `bov prepare --study` runs this alone, e.g. as one cluster job before a job array of workers."""
+    from bov.budget import data_regime
+    from bov.data import prepare
+
     records = records or {}
     shapes = cell_budgets(sweep)
     most = max(b.tokens for b, _ in shapes)
@@ -360,9 +363,6 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     """Create or continue the study, run `workers` local workers to completion, summarize."""
     import mlflow
     import optuna
-
-    from bov.budget import data_regime
-    from bov.data import prepare
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1 (got {workers})")
@@ -468,7 +468,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     files = write_summary(table, sweep, failed)
     tracking.publish_study(uri, parent, f"# {sweep.name}\n\n{format_summary(table, sweep)}\n",
                            study_metrics(table, sweep), int(table["runs"].sum()) if "runs" in table else 0,
-                           cell_deltas(study, sweep))
+                           cell_deltas(study, sweep), cell_run_names(study, sweep))
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1

@@ -436,15 +436,19 @@ def metric_key(*parts: str) -> str:
 
 
 def publish_study(uri: str, parent: str, description: str, metrics: dict[str, float], step: int,
-                  cells: dict[str, dict[str, float]] | None = None) -> None:
+                  cells: dict[str, dict[str, float]] | None = None, names: dict[str, str] | None = None) -> None:
     """The study's answer where the MLflow UI shows it: the parent run's description (markdown) and its
-    per-level metrics, and each cell's own delta as a metric of its run (a column of the runs table). Logged at
+    per-level metrics, each cell's own delta as a metric of its run (a column of the runs table), and the cells'
+    `names` (a run of an older store keeps its hash name until then). Logged at
     `step` (the count of finished cells) with timestamp = step, so a re-run with the same cells adds no history."""
     import mlflow
     from mlflow.entities import Metric
 
     client = mlflow.MlflowClient(uri)
     client.set_tag(parent, TAG_NOTE, description[:60000])
+    for run_id, name in (names or {}).items():
+        if client.get_run(run_id).info.run_name != name:
+            client.update_run(run_id, name=name)
     for run_id, values in [(parent, metrics), *(cells or {}).items()]:
         items = [Metric(k, float(v), step, step) for k, v in values.items() if v is not None and v == v]
         for i in range(0, len(items), 500):

@@ -432,6 +432,20 @@ def cell_deltas(study, sweep: Sweep) -> dict[str, dict[str, float]]:
     return out
 
 
+def cell_run_names(study, sweep: Sweep) -> dict[str, str]:
+    """Each finished cell's run -> the name the MLflow UI lists it by (`last_third s0`; runs of stores made before
+    cells were named at creation get it here), unless the study names its runs (`tracking.run_name`)."""
+    from optuna.trial import TrialState
+
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        cell, run_id = cell_of(t), t.user_attrs.get(tracking.TRIAL_RUN_ID)
+        if t.state == TrialState.COMPLETE and cell and run_id and cell in {(c.level, c.seed) for c in sweep.cells}:
+            if not sweep.cell(*cell).cfg.tracking.run_name:
+                out[run_id] = f"{cell[0]} s{cell[1]}"
+    return out
+
+
 def write_summary(table, sweep: Sweep, failed: list[tuple[str, int, str]] = ()) -> list[Path]:
     out = runs_dir() / "sweeps" / sweep.name
     out.mkdir(parents=True, exist_ok=True)

@@ -194,10 +194,14 @@ def test_a_two_axis_micro_study_runs_through_sweep_mlflow_and_figures(tmp_path):
     path = cross_file(tmp_path, {"axis": "budget", "levels": [0.5, 1, 2, 4], "keep": [{"variant": "baseline"},
                                                                                    {"budget": 1}]}, seeds=[0])
     runs, results = tmp_path / "runs", tmp_path / "results"
-    env = env_with(runs, BOV_RESULTS_DIR=str(results))
+    env = {**env_with(runs, BOV_RESULTS_DIR=str(results)), "BOV_CACHE_DIR": str(tmp_path / "cache")}
+    prepared = subprocess.run([sys.executable, "-m", "bov.cli", "prepare", "--study", str(path)], env=env,
+                              capture_output=True, text=True, timeout=900)  # as a cluster's prepare job would
+    assert prepared.returncode == 0 and "x-micro: train " in prepared.stdout, prepared.stderr[-2000:]
     done = subprocess.run([sys.executable, "-m", "bov.cli", "sweep", str(path)], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "tokeniz" not in done.stdout + done.stderr  # the workers only read what prepare made
     assert "| bov@1x " in done.stdout and "× compute (95% CI)" in done.stdout
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     exp = client.get_experiment_by_name("x-micro")

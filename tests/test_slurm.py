@@ -60,7 +60,6 @@ def test_ddp_training_spans_the_nodes_and_every_rank_reads_its_place(tmp_path, m
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     from bov.config import load_config
-    from bov.train import check_trainer
 
     cmds, env = dry_run("train_ddp.sbatch", tmp_path, PRESET="tiny", VARIANT="bov", **SLURM_JOB,
                         MLFLOW_TRACKING_URI=STORE["MLFLOW_TRACKING_URI"])

@@ -437,10 +437,10 @@ def cell_run_names(study, sweep: Sweep) -> dict[str, str]:
     cells were named at creation get it here), unless the study names its runs (`tracking.run_name`)."""
     from optuna.trial import TrialState
 
-    out = {}
+    out, cells = {}, {(c.level, c.seed) for c in sweep.cells}
     for t in study.get_trials(deepcopy=False):
         cell, run_id = cell_of(t), t.user_attrs.get(tracking.TRIAL_RUN_ID)
-        if t.state == TrialState.COMPLETE and cell and run_id and cell in {(c.level, c.seed) for c in sweep.cells}:
+        if t.state == TrialState.COMPLETE and cell and run_id and cell in cells:
             if not sweep.cell(*cell).cfg.tracking.run_name:
                 out[run_id] = f"{cell[0]} s{cell[1]}"
     return out

@@ -303,6 +303,14 @@ def test_two_workers_share_a_grid_without_running_a_cell_twice(tmp_path):
     for key, col in (("val_bpb_delta_vs_none", "delta"), ("val_bpb_delta_vs_none_ci_low", "ci_low"),
                      ("val_bpb_mean", "val/bpb mean")):
         assert parent.data.metrics[f"{key}/all"] == pytest.approx(summary.loc["all", col])
+    # a store made before cells were named (a hash name): a re-run of the finished study names them, and logs
+    # the same metrics without adding history
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    client.update_run(children["all s0"].info.run_id, name="micro-bov-0123456789ab")
+    again = subprocess.run([*BOV, "sweep", str(path)], env=env_with(runs), capture_output=True, text=True, timeout=HANG)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert client.get_run(children["all s0"].info.run_id).info.run_name == "all s0"
+    assert len(client.get_metric_history(parent.info.run_id, "val_bpb_delta_vs_none/all")) == 1
 
 
 @pytest.mark.slow  # subprocesses: in `make test-slow`, out of the 10-minute default run

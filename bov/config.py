@@ -54,7 +54,7 @@ Coeff = Literal["fixed", "learned", "learned_per_head", "gate"]
 
 
 def resolve_bank_layers(rule: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
-    """A `bank_layers` level -> sorted target layer indices (documented in README)."""
+    """A `bank_layers` level -> sorted target layer indices (documented in docs/axes.md)."""
     L = n_layers
     if not isinstance(rule, str):
         layers = list(rule)

@@ -18,7 +18,7 @@ SWEEP_ARGS = $(if $(SCALE),--scale $(SCALE)) $(if $(SEEDS),--seeds $(SEEDS)) $(i
              $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE)) $(if $(BUDGET_STEPS),--steps $(BUDGET_STEPS))
 OPTUNA_STORAGE = $(or $(STORAGE),$(BOV_OPTUNA_STORAGE),sqlite:///$(abspath $(RUNS))/optuna.db)
 
-.PHONY: install test test-slow describe train sweep sweeps figures ui dashboard bench bench-train bench-infer gpu-check prepare generate clean
+.PHONY: install test test-slow describe train sweep sweeps figures reproduce ui dashboard bench bench-train bench-infer gpu-check prepare generate clean
 
 install: $(STAMP)
 
@@ -59,6 +59,12 @@ sweeps: $(STAMP)
 figures: $(STAMP)
 	$(PY) -c "import nbclient, ipykernel" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e '.[notebooks]'
 	$(VENV)/bin/bov figures $(if $(STUDY),--study $(STUDY))
+
+## Run a committed study again (STUDY= a folder under results/; SEEDS=0,1 and LEVELS=a,b: the seeds and levels to
+## re-run, default all) in a scratch runs dir,
+## and say per level whether it lands where the committed seeds allow (exit 1 when one does not).
+reproduce: $(STAMP)
+	$(VENV)/bin/bov reproduce $(STUDY) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(LEVELS),--levels $(LEVELS))
 
 ## Optuna dashboard on the study storage (http://127.0.0.1:8080); installs optuna-dashboard on first use.
 dashboard: $(STAMP)

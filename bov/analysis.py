@@ -422,6 +422,23 @@ def write_verdicts(study: Study, out_dir: Path) -> list[Path]:
     return [out_dir / "verdicts.csv", out_dir / "verdicts.md"]
 
 
+def publish(name: str, uri: str, out_dir: Path) -> None:
+    """After a study's notebook ran: the record `bov reproduce` reads (`study.json`, `runs.csv`) beside its
+    tables, and its MLflow parent run showing them (its description: the tables; its artifacts: every file)."""
+    import mlflow
+
+    from bov.reproduce import write_record
+
+    parent = T.sweep_parent(uri, name)
+    if parent is None:
+        return
+    run = mlflow.MlflowClient(uri).get_run(parent)
+    loaded = load_study(name, uri)
+    write_record(T.read_study_definition(run), loaded.runs, loaded.metric, run.data.tags.get(T.TAG_GIT), out_dir)
+    tables = [out_dir / f for f in ("table.md", "verdicts.md", "size_trend.md") if (out_dir / f).is_file()]
+    T.attach_results(uri, parent, out_dir, f"# {name}\n\n" + "\n\n".join(t.read_text() for t in tables))
+
+
 def eval_tables(study: Study, out_dir: Path) -> list[Path]:
     """`bov eval` results of the study's runs: a table per scored text (`eval_<text>`, bits per byte by level,
     with the same intervals as the main table) and one of downstream task scores by level (`tasks`)."""

@@ -525,7 +525,7 @@ def figures(
     from bov import analysis as A
     from bov import notebooks as N
     from bov.paths import runs_dir, tracking_uri
-    from bov.tracking import attach_results, relocate_artifacts, sweep_parent
+    from bov.tracking import relocate_artifacts
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
@@ -559,12 +559,59 @@ def figures(
         except RuntimeError as e:
             fail(f"{name}: {e}", code=1)
     for name, _, out in jobs:
+        if name != "vcache_memory":
+            A.publish(name, uri, out)  # the record `bov reproduce` reads; the MLflow parent shows what results/ shows
         files = sorted(p.name for p in out.glob("*") if p.is_file())
         typer.echo(f"written: {out}/ ({', '.join(files)})")
-        parent = sweep_parent(uri, name) if name != "vcache_memory" else None
-        if parent:  # the MLflow UI shows what results/ shows: the tables as the description, every file attached
-            tables = [out / f for f in ("table.md", "verdicts.md", "size_trend.md") if (out / f).is_file()]
-            attach_results(uri, parent, out, f"# {name}\n\n" + "\n\n".join(t.read_text() for t in tables))
+
+
+@app.command()
+def reproduce(
+    study: str = typer.Argument(..., help="a study under results/ with a record (study.json, runs.csv)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds to re-run, e.g. 0 or 0,1 (default: all)"),
+    levels: Optional[str] = typer.Option(None, "--levels", help="levels to re-run, comma-separated (default: all)"),
+    runs_dir_: Optional[Path] = typer.Option(None, "--runs-dir", help="scratch runs dir (default: "
+                                             "<runs>/reproduce/<study>; a re-run continues it)"),
+) -> None:
+    """Run a committed study again (or part of it) and say per level whether it lands inside what the committed
+    seeds allow; exit 1 when a level does not."""
+    import os
+
+    from bov import analysis as A
+    from bov import reproduce as R
+    from bov.paths import cache_dir, runs_dir
+    from bov.sweep import run_sweep
+
+    try:
+        committed = R.load_committed(study, A.results_dir())
+        chosen = [int(x) for x in seeds.split(",")] if seeds else None
+    except R.ReproduceError as e:
+        fail(str(e))
+    except ValueError:
+        fail(f"--seeds: {seeds!r} is not a comma-separated list of integers")
+    scratch = (runs_dir_ or runs_dir() / "reproduce" / study).resolve()
+    name = f"{study}-reproduce"
+    os.environ["BOV_CACHE_DIR"] = str(cache_dir("tokens").parent)  # caches shared: the scratch dir only runs
+    os.environ["BOV_RUNS_DIR"] = str(scratch)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"  # never the user's own server
+    try:
+        sweep = R.resolve(committed, chosen, levels.split(",") if levels else None, name)
+    except R.ReproduceError as e:
+        fail(str(e))
+    metric = committed.definition.get("metric", "val/bpb")
+    typer.echo(f"reproducing {len(sweep.cells)} cell(s) of {study} in {scratch}")
+    result = run_sweep(sweep, workers=1, storage=f"sqlite:///{scratch / 'optuna.db'}")
+    if result.interrupted:
+        raise typer.Exit(143 if result.interrupted == "SIGTERM" else 130)
+    new = A.load_runs(name, os.environ["MLFLOW_TRACKING_URI"])[["level", "seed", metric]]
+    table = R.compare(committed, new, metric)
+    typer.echo(f"\n{study}: committed (results/{study}/runs.csv) against this machine's runs\n")
+    typer.echo(R.format_comparison(table, metric))
+    outside = table[table["inside"] == False]  # noqa: E712 (None: unchecked)
+    if len(outside):
+        typer.echo(f"\n{len(outside)} level(s) outside what the committed seeds allow: "
+                   f"{', '.join(outside['level'])}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

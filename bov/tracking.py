@@ -362,6 +362,7 @@ def study_definition(sweep) -> dict[str, Any]:
             "references": sweep.references, "paper": spec.paper.model_dump() if spec.paper else None,
             "axes": sweep.axes,
             "preset": sweep.preset, "sampler": spec.sampler, "sweep_file": sweep.path.name,
+            "overrides": sweep.overrides,  # the sweep command's --set, on every cell
             "budget": {k: v for k, v in sweep.cells[0].overrides.items() if k.startswith("train.max_") and v is not None}}
 
 

@@ -80,7 +80,7 @@ class Claim(_Strict):
 
 
 class PaperClaims(_Strict):
-    """What the paper reports for this study's levels, checked by the verdict table (bov.claims)."""
+    """What the paper reports for this study's levels, checked by the verdict table (bov.stats.verdicts)."""
 
     source: str  # where: paper, table, scale, metric
     values: dict[str, float] = {}  # the paper's metric per level: the paper's delta of any two levels follows

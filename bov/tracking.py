@@ -45,7 +45,7 @@ TAG_COORD = "bov.coord."  # + axis: a crossed study's cell, its level on that ax
 TAG_SWEEP_FILE, TAG_ROLE, TAG_PRUNED_AT = "bov.sweep_file", "bov.role", "bov.pruned_at_step"
 TAG_FAILED_CELLS = "bov.failed_cells"  # on a sweep's parent run: "level seed N: reason; ..."
 ROLE_SWEEP = "sweep"
-TAG_RUN_NAME, TAG_NOTE = "mlflow.runName", "mlflow.note.content"  # MLflow's own: the name and the description
+TAG_NOTE = "mlflow.note.content"  # MLflow's own: a run's description, rendered as markdown
 # the layers the value axes act on (value_source's targets) and those of them that hold a bank table: "4,5"
 TAG_TARGET_LAYERS, TAG_BANK_LAYERS = "bov.target_layers", "bov.bank_layers"
 # What a run's setup derives (budget, parameter counts, data regime: `budget.tokens`, `params.bank`, ...) is

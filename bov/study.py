@@ -95,6 +95,7 @@ class SweepSpec(_Strict):
     base: Base
     axis: str  # a config key (model.bank_layers), `variant`, or a name for a mapping of override sets
     levels: Union[list[Any], dict[str, dict[str, Any]]] = []
+    recipes: dict[str, dict[str, Any]] = {}  # named override sets a level can `extends:` without running them
     baseline_level: str | None = None
     cross: Cross | None = None  # a second axis (budget, size, ...) crossed with `axis`
     references: list[str] = []  # levels every level is compared with (default: the baseline level)
@@ -268,7 +269,8 @@ def _levels(spec: SweepSpec, path: Path) -> dict[str, dict[str, Any]]:
     if spec.sampler == "tpe":
         return {"trial": {}}
     if isinstance(spec.levels, dict):
-        return {str(k): dict(v or {}) for k, v in spec.levels.items()}
+        named = {**spec.recipes, **{str(k): dict(v or {}) for k, v in spec.levels.items()}}
+        return {str(k): _extended(str(k), named, path, ()) for k in spec.levels}
     key = "variant" if spec.axis == "variant" else spec.axis
     if key != "variant" and "." not in key:
         raise ConfigError(f"{path}: axis {key!r}: a list of levels needs a dotted config key (e.g. model.{key})")
@@ -276,6 +278,20 @@ def _levels(spec: SweepSpec, path: Path) -> dict[str, dict[str, Any]]:
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{path}: levels: duplicate level in {spec.levels}")
     return {lab: {key: v} for lab, v in zip(labels, spec.levels)}
+
+
+def _extended(name: str, named: dict[str, dict[str, Any]], path: Path, seen: tuple[str, ...]) -> dict[str, Any]:
+    """A level's overrides with what it `extends:` (another level or a recipe, which may extend in turn) first."""
+    own = dict(named[name])
+    parent = own.pop("extends", None)
+    if parent is None:
+        return own
+    if parent not in named:
+        raise ConfigError(f"{path}: {name}.extends: {parent!r} is neither a level nor a recipe "
+                          f"({', '.join(named)})")
+    if parent in (*seen, name):
+        raise ConfigError(f"{path}: {name}.extends: a cycle ({' -> '.join((*seen, name, parent))})")
+    return {**_extended(parent, named, path, (*seen, name)), **own}
 
 
 def _budget(ref: ExperimentConfig, match: str, steps: int | None, tokens_per_param: float | None = None) -> dict[str, Any]:

@@ -172,6 +172,25 @@ def test_cli_bad_axis_lists_the_available_ones(tmp_path):
     assert not (tmp_path / "r" / "optuna.db").exists()  # nothing created before the error
 
 
+def test_a_level_extends_another_level_or_a_recipe(tmp_path):
+    recipe = {"train.optimizer": "adamw", "train.lr_matrix": 0.003, "model.logit_softcap": None}
+    levels = {"plain": {"extends": "adamw"}, "bank": {"extends": "plain", "variant": "bov", "train.lr_bank": 0.05},
+              "faster": {"extends": "bank", "train.lr_matrix": 0.01}}
+    sw = load_sweep(write_sweep(tmp_path, axis="recipe", levels=levels, baseline_level="plain", seeds=[0],
+                                recipes={"adamw": recipe}))
+    assert sorted(sw.levels) == ["bank", "faster", "plain"]  # a recipe is extended, never run
+    faster = sw.cell("faster", 0).cfg
+    assert (faster.variant, faster.train.optimizer, faster.train.lr_bank, faster.train.lr_matrix) == ("bov", "adamw", 0.05, 0.01)
+    assert faster.model.logit_softcap is None and sw.cell("plain", 0).cfg.variant == "bov"  # the file's base variant
+    spelled = {"bank": {"variant": "bov", "train.lr_bank": 0.05, **recipe}}
+    same = load_sweep(write_sweep(tmp_path, name="spelled", axis="recipe", levels=spelled, baseline_level="bank", seeds=[0]))
+    assert same.cell("bank", 0).cfg.config_hash() == sw.cell("bank", 0).cfg.config_hash()  # extends is only shorthand
+    for bad, message in (({"a": {"extends": "nope"}}, "a.extends: 'nope' is neither a level nor a recipe"),
+                         ({"a": {"extends": "b"}, "b": {"extends": "a"}}, "b.extends: a cycle (a -> b -> a)")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_sweep(write_sweep(tmp_path, name="bad", axis="recipe", levels=bad, baseline_level="a"))
+
+
 def test_summary_table_numbers():
     sweep = load_sweep(str(Path(__file__).parent / "../sweeps/bank_layers.yaml"), scale="micro", seeds=[0, 1, 2])
     study = optuna.create_study()

@@ -194,14 +194,19 @@ def bench_train_cmd(
     variants: str = typer.Option(",".join(VARIANT_ORDER), help="comma-separated"),
     steps: int = typer.Option(30, min=1, help="optimizer steps per variant"),
     set_: Optional[List[str]] = SET,
+    out: Optional[Path] = typer.Option(None, "--out", help="where train_<preset>_<cpu|gpu>.{json,md} go (default: "
+                                       "results/bench; with --set, <runs>/bench, so the committed numbers stay)"),
 ) -> None:
     """Training tokens/s (and MFU on GPU) per variant; writes results/bench/train_<preset>_<cpu|gpu>.{json,md}."""
-    from bov.bench import bench_train
+    from bov.bench import RESULTS, bench_train
+    from bov.paths import runs_dir
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
     for v in names:
         load_or_exit(preset, v, set_)  # every variant valid before any compute
-    bench_train(preset, names, steps, set_, log=typer.echo)
+    where = out or (runs_dir() / "bench" if set_ else RESULTS)  # a changed architecture is not the preset's number
+    bench_train(preset, names, steps, set_, log=typer.echo, out=where)
+    typer.echo(f"written: {where}/train_{preset}_*.{{json,md}}")
 
 
 @app.command("bench-gpu")

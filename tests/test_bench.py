@@ -19,3 +19,18 @@ def test_bench_train_writes_tables(tmp_path, monkeypatch):
     md = (tmp_path / "results/bench/train_micro_cpu.md").read_text()
     assert "| bov |" in md and "make bench-train PRESET=micro STEPS=4" in md
     assert all(r["peak_memory_bytes"] > 2**20 for r in saved["rows"])  # Linux VmHWM on CPU
+
+
+def test_bench_train_with_set_leaves_the_committed_numbers_alone(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bov.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("BOV_PROGRESS", "0")
+    res = CliRunner().invoke(app, ["bench-train", "--preset", "micro", "--variants", "baseline", "--steps", "2",
+                                   "--set", "model.n_layers=2"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "runs/bench/train_micro_cpu.json").read_text())
+    assert saved["overrides"] == ["model.n_layers=2"] and not (tmp_path / "results").exists()

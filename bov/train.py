@@ -29,7 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from bov import tracking
+from bov import console, tracking
 from bov.budget import Budget, DataRegime, data_regime, model_shape, plan_budget, world_size  # noqa: F401 (re-exported)
 from bov.config import ExperimentConfig
 from bov.data import PreparedData, Recorded, TokenDataModule, check_identity, prepare
@@ -405,6 +405,8 @@ def _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, 
         ckpt_cb = ModelCheckpoint(dirpath=run_dir, filename="step{step:06d}", save_last=True, save_top_k=0,
                                   every_n_train_steps=ckpt_every,
                                   auto_insert_metric_name=False)
+        progress = is_zero and os.environ.get("BOV_PROGRESS", "1") == "1"
+        console.quiet_tips()
         trainer = pl.Trainer(
             accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=cfg.train.devices,
             num_nodes=cfg.train.num_nodes, strategy=cfg.train.strategy, precision=_precision(cfg),
@@ -412,8 +414,8 @@ def _run(cfg, run_dir, resume, data, extra_tags, parent_run_id, callbacks, log, 
             val_check_interval=cfg.train.val_every * cfg.train.grad_accum,  # counted in micro-batches
             accumulate_grad_batches=cfg.train.grad_accum, gradient_clip_val=cfg.train.grad_clip,
             gradient_clip_algorithm="norm",
-            num_sanity_val_steps=0, logger=logger, callbacks=[*([] if bench else [ckpt_cb]), *(callbacks or [])],
-            enable_progress_bar=is_zero and os.environ.get("BOV_PROGRESS", "1") == "1", enable_model_summary=False,
+            num_sanity_val_steps=0, logger=logger, enable_model_summary=False, enable_progress_bar=progress,
+            callbacks=[*([] if bench else [ckpt_cb]), *(callbacks or []), *([console.progress_bar()] if progress else [])],
             use_distributed_sampler=False,  # TrainWindows gives each rank its own slice
             plugins=[AtomicCheckpointIO()],
             default_root_dir=str(run_dir),

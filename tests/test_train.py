@@ -356,3 +356,24 @@ def test_sigkill_while_the_data_is_built_loses_nothing_and_the_rerun_finishes(tm
     assert not list(runs.glob("cache/tokens/*/*.tmp*"))  # the dead writer's file was removed
     meta = json.loads(next(runs.glob("cache/tokens/*/train.json")).read_text())
     assert meta["complete"] and meta["n_docs"] > 5000
+
+
+def test_the_console_counts_steps_of_the_budget_and_shows_no_tips():
+    import logging
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+    from bov import console
+
+    console.quiet_tips()
+    console.quiet_tips()  # once is enough, twice is harmless
+    made_by = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tip = logging.LogRecord(made_by.name, logging.INFO, __file__, 1, "💡 Tip: try installing litlogger", None, None)
+    other = logging.LogRecord(made_by.name, logging.INFO, __file__, 1, "`Trainer.fit` stopped", None, None)
+    assert not made_by.filter(tip) and made_by.filter(other) and len(made_by.filters) == 1
+    bar = console.progress_bar()
+    bar._trainer = SimpleNamespace(max_steps=30, accumulate_grad_batches=2, max_epochs=-1)
+    assert isinstance(bar, ProgressBar) and bar.total_train_batches == 60  # micro-batches of the budget
+    if hasattr(bar, "_get_train_description"):  # Rich: Lightning wrote "Epoch 0/-2" here
+        assert bar._get_train_description(0) == "train"

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bov import analysis as A
+from bov import stats as S
 
 study, OUT, TRACKING_URI = A.study_from_environment("bank_layers_wikipedia_long-tiny")
 out = A.report(study, OUT, TRACKING_URI)
@@ -45,7 +46,7 @@ out["shown"]
 def paired(a: pd.Series, b: pd.Series) -> dict:
     """a - b over the seeds both have, with bov.analysis's interval (paired t)."""
     both = a.dropna().index.intersection(b.dropna().index)
-    d, lo, hi, _ = A.interval(a[both], b[both], 0.95, 10_000, 0)
+    d, lo, hi, _ = S.interval(a[both], b[both], 0.95, 10_000, 0)
     return {"seeds": len(both), "Δ all - last_third": d, "ci_low": lo, "ci_high": hi}
 
 

@@ -18,6 +18,7 @@
 
 # %%
 from bov import analysis as A
+from bov import stats as S
 
 study, OUT, TRACKING_URI = A.study_from_environment("data_repetition-tiny")
 out = A.report(study, OUT, TRACKING_URI)
@@ -38,8 +39,8 @@ study.runs.pivot_table(index="variant", columns="data.max_unique_tokens", values
 # same unique tokens (a paired t interval over seeds where they match; none for one seed).
 
 # %%
-within = A.compare_within(study.runs, group="data.max_unique_tokens", by="variant", metric=study.metric)
-within["Δ vs baseline, same data"] = A.format_table(within, by="variant", metric=study.metric,
+within = S.compare_within(study.runs, group="data.max_unique_tokens", by="variant", metric=study.metric)
+within["Δ vs baseline, same data"] = S.format_table(within, by="variant", metric=study.metric,
                                                      baseline="baseline")["Δ vs baseline (95% CI)"].values
 same_epochs = within.pivot_table(index="variant", columns="data.max_unique_tokens", values="Δ vs baseline, same data",
                                  aggfunc="first")

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bov import analysis as A
+from bov import stats as S
 from bov import tracking as T
 
 study, OUT, TRACKING_URI = A.study_from_environment("data_repetition_wikipedia-tiny")
@@ -61,8 +62,8 @@ regime
 # Δ val BPB paired by seed (the same unique tokens, the same validation text); a 95% t interval.
 
 # %%
-within = A.compare_within(runs, group="epochs", by="arm", baseline="baseline", metric=metric)
-within["Δ vs baseline, same epochs"] = A.format_table(within, by="arm", metric=metric,
+within = S.compare_within(runs, group="epochs", by="arm", baseline="baseline", metric=metric)
+within["Δ vs baseline, same epochs"] = S.format_table(within, by="arm", metric=metric,
                                                       baseline="baseline")["Δ vs baseline (95% CI)"].values
 same = within.pivot_table(index="arm", columns="epochs", values="Δ vs baseline, same epochs", aggfunc="first").fillna("-")
 same.columns = [f"{c:g} epochs" for c in same.columns]
@@ -137,8 +138,8 @@ crossings
 
 # %%
 bov_arms = runs[runs["arm"].str.startswith("bov")]
-vs_bov = A.compare_within(bov_arms, group="epochs", by="arm", baseline="bov", metric=metric)
-vs_bov["Δ vs BoV, same epochs"] = A.format_table(vs_bov, by="arm", metric=metric,
+vs_bov = S.compare_within(bov_arms, group="epochs", by="arm", baseline="bov", metric=metric)
+vs_bov["Δ vs BoV, same epochs"] = S.format_table(vs_bov, by="arm", metric=metric,
                                                  baseline="bov")["Δ vs bov (95% CI)"].values
 vs_bov = vs_bov[vs_bov["arm"] != "bov"]
 reg = vs_bov.pivot_table(index="arm", columns="epochs", values="Δ vs BoV, same epochs", aggfunc="first").fillna("-")

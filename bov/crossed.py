@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bov import analysis as A
+from bov import stats as S
 from bov.figures import (
     plot_compute,
     plot_curves,
@@ -36,12 +37,12 @@ def report(study: A.Study, out_dir: Path, tracking_uri: str | None = None) -> di
     metric, base = study.metric, study.baseline
     runs = study.runs.assign(compute=study.runs["tokens"] * study.runs["flops_per_token"])
     runs["compute_group"] = runs[b]
-    table = A.compare_within(runs, group=b, by=a, baseline=base, metric=metric, order=first["levels"],
+    table = S.compare_within(runs, group=b, by=a, baseline=base, metric=metric, order=first["levels"],
                              references=study.references)
     rank = {lv: i for i, lv in enumerate(second["levels"])}
     table = table.sort_values(b, key=lambda s: s.map(rank), kind="stable", ignore_index=True)
     notes, files, out = [], [], {"multipliers": None, "trends": {}}
-    shown = A.format_table(table, by=a, metric=metric, baseline=base)
+    shown = S.format_table(table, by=a, metric=metric, baseline=base)
     shown = shown.rename(columns={a: first["name"]})
     shown.insert(1, second["name"], table[b])
     fit = None

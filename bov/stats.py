@@ -1,5 +1,9 @@
-"""Statistics of a comparison over seeds: paired intervals, and the paper's claims against this suite's deltas.
+"""Statistics of a comparison over seeds: per-level tables with paired deltas, and the paper's claims.
 
+* `compare(runs, baseline=..., references=...)`: one row per level: seeds, mean and std of the metric (and
+  val/loss), its delta against the baseline level and each other reference with a 95% interval, sizes and
+  throughput; `compare_within` does it inside each value of a grouping column; `format_table` gives the
+  strings a paper shows (`mean ± std`, `delta [lo, hi]`, sizes in k/M/B).
 * `interval(x, base)`: a level's delta against a reference level with its 95% interval (paired t when both
   ran the same seeds, a bootstrap of the difference of means otherwise, none for one seed).
 * `seeds_needed(sd, diff)`: how many seeds a spread of per-seed differences `sd` needs before the paired 95%
@@ -44,6 +48,100 @@ def interval(x: pd.Series, base: pd.Series, confidence: float = 0.95, n_boot: in
     boots = (rng.choice(xa, (n_boot, len(xa))).mean(1) - rng.choice(ba, (n_boot, len(ba))).mean(1))
     lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
     return delta, float(lo), float(hi), f"bootstrap, {n_boot} resamples"
+
+
+def compare(runs: pd.DataFrame, by: str = "level", baseline: str | None = None, metric: str = "val/bpb",
+            order: Sequence[str] | None = None, confidence: float = 0.95, n_boot: int = 10_000,
+            seed: int = 0, references: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per level: runs, seeds, mean/std of the metric and val/loss, delta vs baseline with an interval
+    (`delta`, `ci_low`, `ci_high`, `ci_method`), and the same against each other reference level
+    (`delta vs <ref>`, `ci_low vs <ref>`, ...)."""
+    levels = [lv for lv in (order or []) if lv in set(runs[by])] + sorted(set(runs[by]) - set(order or []))
+    base = runs[runs[by] == baseline].set_index("seed")[metric] if baseline is not None else None
+    others = {r: runs[runs[by] == r].set_index("seed")[metric] for r in references if r != baseline}
+    rows = []
+    for level in levels:
+        g = runs[runs[by] == level]
+        vals = g.set_index("seed")[metric]
+        row: dict[str, Any] = {by: level, "runs": len(g), "seeds": ",".join(str(s) for s in sorted(g["seed"].dropna())),
+                               f"{metric} mean": vals.mean(), f"{metric} std": vals.std(ddof=1) if len(g) > 1 else math.nan}
+        if metric != "val/loss" and "val/loss" in g:
+            row["val/loss mean"] = g["val/loss"].mean()
+            row["val/loss std"] = g["val/loss"].std(ddof=1) if len(g) > 1 else math.nan
+        if base is not None and len(base):
+            if level == baseline:
+                row.update(delta=0.0, ci_low=math.nan, ci_high=math.nan, ci_method="baseline")
+            else:
+                d, lo, hi, how = interval(vals, base, confidence, n_boot, seed)
+                row.update(delta=d, ci_low=lo, ci_high=hi, ci_method=how)
+        for ref, ref_vals in others.items():
+            d, lo, hi, how = ((0.0, math.nan, math.nan, "reference") if level == ref else
+                              interval(vals, ref_vals, confidence, n_boot, seed) if len(ref_vals) else (math.nan,) * 3 + ("",))
+            row.update({f"delta vs {ref}": d, f"ci_low vs {ref}": lo, f"ci_high vs {ref}": hi, f"ci_method vs {ref}": how})
+        for col in ("params", "params_non_embedding", "params.bank", "flops_per_token", "tokens", "epochs",
+                    "tokens_per_param", "tokens_per_param_non_embedding", "tokens_per_s"):
+            if col in g:
+                row[col] = g[col].mean()
+        rows.append(row)
+    if not rows:  # nothing finished yet: the columns a caller indexes still exist
+        return pd.DataFrame(columns=[by, "runs", "seeds", f"{metric} mean", f"{metric} std"])
+    return pd.DataFrame(rows)
+
+
+def compare_within(runs: pd.DataFrame, group: str, by: str = "variant", baseline: str = "baseline",
+                   metric: str = "val/bpb", **kw) -> pd.DataFrame:
+    """`compare` inside each value of `group` (e.g. each unique-token budget), against that group's baseline.
+
+    For a crossed study this is the fair delta: a variant at 4 epochs against the baseline at 4 epochs.
+    """
+    parts = [compare(g, by=by, baseline=baseline, metric=metric, **kw).assign(**{group: value})
+             for value, g in runs.groupby(group, sort=False)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[group, by])
+
+
+def _si(v: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{unit}"
+    return f"{v:.0f}"
+
+
+def _delta_cell(delta: float, lo: float, hi: float, method: str) -> str:
+    if pd.isna(delta):
+        return "-"
+    if method in ("baseline", "reference"):
+        return f"({method})"
+    if pd.isna(lo):
+        return f"{delta:+.4f} (single seed)"
+    return f"{delta:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def format_table(table: pd.DataFrame, by: str = "level", metric: str = "val/bpb", baseline: str | None = None) -> pd.DataFrame:
+    """Numbers -> the strings a paper shows: `mean ± std`, `delta [lo, hi]` against each reference, sizes in k/M/B."""
+
+    def pm(mean: float, std: float) -> str:
+        if pd.isna(mean):
+            return "-"  # a level with no finished run yet
+        return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+    out = pd.DataFrame({by: table[by], "seeds": table["runs"]})
+    out[metric] = [pm(m, s) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
+    if "delta" in table:
+        out[f"Δ vs {baseline} (95% CI)"] = [_delta_cell(*v) for v in
+                                            zip(table["delta"], table["ci_low"], table["ci_high"], table["ci_method"])]
+    for ref in [c.removeprefix("delta vs ") for c in table if c.startswith("delta vs ")]:
+        out[f"Δ vs {ref} (95% CI)"] = [_delta_cell(*v) for v in zip(*(table[f"{k} vs {ref}"] for k in
+                                                                     ("delta", "ci_low", "ci_high", "ci_method")))]
+    if "val/loss mean" in table:
+        out["val/loss"] = [pm(m, s) for m, s in zip(table["val/loss mean"], table["val/loss std"])]
+    for col, name, fmt in (("params", "params", _si), ("params.bank", "bank params", _si),
+                           ("flops_per_token", "FLOPs/token", lambda v: f"{v:.3e}"), ("tokens", "tokens", _si),
+                           ("epochs", "epochs", lambda v: f"{v:.2f}"), ("tokens_per_param", "tokens/param", lambda v: f"{v:.2f}"),
+                           ("tokens_per_param_non_embedding", "tokens/param w/o tables", lambda v: f"{v:.2f}"),
+                           ("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}")):
+        if col in table and table[col].notna().any():
+            out[name] = [fmt(v) if not pd.isna(v) else "-" for v in table[col]]
+    return out
 
 
 def difference_sd(x: pd.Series, base: pd.Series) -> float:

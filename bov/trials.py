@@ -192,7 +192,7 @@ class Grid:
         import pandas as pd
         from optuna.trial import TrialState
 
-        from bov.analysis import compare
+        from bov.stats import compare
 
         sweep, metric = self.sweep, self.sweep.spec.metric
         trials = study.get_trials(deepcopy=False)
@@ -219,8 +219,8 @@ class Grid:
     def _crossed(self, runs):
         """A crossed study: each first-axis level against the baseline at the same second-axis level, and with a
         budget ladder the compute multiplier (bov.scaling), or the line that says why there is none."""
-        from bov.analysis import compare_within
         from bov.scaling import LadderError, multipliers
+        from bov.stats import compare_within
 
         sweep, (a, b) = self.sweep, (ax["name"] for ax in self.sweep.axes)
         runs = runs.assign(**{axis: [sweep.coords(lv)[axis] for lv in runs["level"]] for axis in (a, b)},
@@ -240,8 +240,8 @@ class Grid:
         return table
 
     def format(self, table) -> str:
-        from bov.analysis import format_table
         from bov.scaling import format_multiplier
+        from bov.stats import format_table
 
         spec = self.sweep.spec
         shown = format_table(table, metric=spec.metric, baseline=spec.baseline_level)

@@ -15,6 +15,7 @@ import yaml
 from mlflow.entities import Metric, Param
 
 from bov import analysis as A
+from bov import stats as S
 from bov import tracking
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
@@ -92,7 +93,7 @@ def test_history_has_tokens_and_flops_per_step(store):
 
 def test_comparison_table_numbers_are_exact(store):
     study = A.load_study("demo-micro", store)
-    t = A.compare(study.runs, baseline="base", order=study.levels).set_index("level")
+    t = S.compare(study.runs, baseline="base", order=study.levels).set_index("level")
     assert list(t.index) == list(BPB)
     for level, vals in BPB.items():
         assert t.loc[level, "runs"] == len(vals)
@@ -111,7 +112,7 @@ def test_comparison_table_numbers_are_exact(store):
     assert t.loc["unpaired", "delta"] == pytest.approx(0.9 - 1.1)
     assert t.loc["unpaired", "ci_method"].startswith("bootstrap")
     assert t.loc["unpaired", "ci_low"] < -0.2 < t.loc["unpaired", "ci_high"] < 0
-    again = A.compare(study.runs, baseline="base").set_index("level")
+    again = S.compare(study.runs, baseline="base").set_index("level")
     assert again.loc["unpaired", "ci_low"] == t.loc["unpaired", "ci_low"]
     # one seed: a delta, no invented interval
     assert t.loc["single", "delta"] == pytest.approx(0.95 - 1.1) and math.isnan(t.loc["single", "ci_low"])
@@ -129,7 +130,7 @@ def md_rows(text: str) -> dict[str, list[str]]:
 
 def test_tables_written_as_markdown_csv_latex(store, tmp_path):
     study = A.load_study("demo-micro", store)
-    table = A.compare(study.runs, baseline="base", order=study.levels)
+    table = S.compare(study.runs, baseline="base", order=study.levels)
     csv, md, tex = A.write_table(table, tmp_path / "out", "table", baseline="base", caption="demo")
     assert pd.read_csv(csv)["val/bpb mean"].round(6).tolist() == [1.1, 0.983333, 0.9, 0.95]
     rows = md_rows(md.read_text())
@@ -180,7 +181,7 @@ def test_compare_within_uses_the_baseline_of_the_same_group():
             ("baseline", "0.25x", 0, 1.60), ("baseline", "0.25x", 1, 1.62), ("bov", "0.25x", 0, 1.61),
             ("bov", "0.25x", 1, 1.64)]
     runs = pd.DataFrame(rows, columns=["variant", "data.max_unique_tokens", "seed", "val/bpb"])
-    t = A.compare_within(runs, group="data.max_unique_tokens").set_index(["data.max_unique_tokens", "variant"])
+    t = S.compare_within(runs, group="data.max_unique_tokens").set_index(["data.max_unique_tokens", "variant"])
     assert t.loc[("1x", "bov"), "delta"] == pytest.approx(-0.095)
     assert t.loc[("0.25x", "bov"), "delta"] == pytest.approx(0.015)  # against 0.25x's baseline, not 1x's
     assert t.loc[("0.25x", "bov"), "ci_method"] == "paired t, n=2" and t.loc[("1x", "baseline"), "delta"] == 0

@@ -46,7 +46,7 @@ def paired(level: str, ref: str, seeds=(0, 1, 2)) -> tuple[float, float, float]:
 
 
 def test_every_level_against_every_reference_is_paired_by_seed():
-    t = A.compare(frame(), baseline="baseline", references=["baseline", "resformer"], order=list(LEVEL)).set_index("level")
+    t = S.compare(frame(), baseline="baseline", references=["baseline", "resformer"], order=list(LEVEL)).set_index("level")
     for level in ("bank", "bank_shared", "resformer"):
         assert (t.loc[level, "delta"], t.loc[level, "ci_low"], t.loc[level, "ci_high"]) == pytest.approx(paired(level, "baseline"))
         assert t.loc[level, "ci_method"] == "paired t, n=3"
@@ -58,7 +58,7 @@ def test_every_level_against_every_reference_is_paired_by_seed():
     unpaired = S.interval(frame(["bank"]).set_index("seed")["val/bpb"],  # seeds {0, 1, 2} against {0, 1}
                           frame(["baseline"], seeds=(0, 1)).set_index("seed")["val/bpb"])
     assert unpaired[3].startswith("bootstrap") and unpaired[1] < 0 < unpaired[2]
-    shown = A.format_table(t.reset_index(), baseline="baseline").set_index("level")
+    shown = S.format_table(t.reset_index(), baseline="baseline").set_index("level")
     assert shown.loc["resformer", "Δ vs resformer (95% CI)"] == "(reference)"
     assert shown.loc["baseline", "Δ vs baseline (95% CI)"] == "(baseline)"
     d, lo, hi = paired("bank", "resformer")
@@ -68,9 +68,9 @@ def test_every_level_against_every_reference_is_paired_by_seed():
 
 
 def test_a_study_without_resformer_compares_with_its_baseline_only():
-    t = A.compare(frame(["baseline", "bank"]), baseline="baseline", references=["baseline", "resformer"])
+    t = S.compare(frame(["baseline", "bank"]), baseline="baseline", references=["baseline", "resformer"])
     assert t["delta vs resformer"].isna().all()  # a reference with no finished run: no delta, no error
-    t = A.compare(frame(["baseline", "bank"]), baseline="baseline", references=["baseline"])
+    t = S.compare(frame(["baseline", "bank"]), baseline="baseline", references=["baseline"])
     assert [c for c in t if "vs" in c] == [] and t.set_index("level").loc["bank", "delta"] == pytest.approx(paired("bank", "baseline")[0])
     v = S.verdicts(frame(["baseline", "bank"]), PAPER, ["baseline"])
     assert list(zip(v["level"], v["vs"])) == [("bank", "baseline")]  # claims on levels that never ran: left out

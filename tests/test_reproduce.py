@@ -60,7 +60,7 @@ def test_a_study_without_a_record_or_a_bad_subset_is_one_line(tmp_path):
 def test_a_committed_micro_study_reproduces_and_a_moved_number_fails(tmp_path):
     from test_sweep import env_with, write_sweep
 
-    path = write_sweep(tmp_path, levels=["none", "last_third"], seeds=[0, 1])
+    write_sweep(tmp_path, levels=["none", "last_third"], seeds=[0, 1])
     runs, results = tmp_path / "runs", tmp_path / "results"
     env = {**env_with(runs, BOV_RESULTS_DIR=str(results)), "BOV_SWEEPS_DIR": str(tmp_path)}
     for args in (["sweep", "mini"], ["figures", "--study", "mini-micro", "--script"]):

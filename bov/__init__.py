@@ -1,6 +1,31 @@
 """bov: systematic ablations of how attention layers compute their value vectors.
 
-Pipeline: bov.config -> bov.data -> bov.model -> bov.train -> bov.sweep -> bov.analysis.
+Pipeline: bov.config -> bov.data -> bov.model -> bov.train -> bov.sweep -> bov.analysis -> bov.evaluate.
 """
 
 __version__ = "0.1.0"
+
+# The floors of the package, lowest first. A module imports only modules of its own floor or below, never
+# one above, and no two modules of a floor import each other in a circle; imports inside functions count
+# too (tests/test_layers.py checks every one). A new module takes its place here.
+LAYERS = (
+    ("paths",),  # the runs dir, locks, store errors
+    ("config", "stats", "scaling"),  # typed configs; the statistics and fits of a comparison (pure)
+    ("plan", "sources"),  # config axes -> per-layer plan; corpora -> documents
+    ("model", "optim"),
+    ("budget", "data"),
+    ("infer", "scoring"),  # the cache, checkpoints; exact bits per byte of a model on a text
+    ("tracking", "console"),  # the MLflow run schema; what training prints
+    ("storage", "train"),  # Optuna storages; one training run
+    ("study",),  # sweeps/<study>.yaml -> cells
+    ("trials",),  # Optuna trials <-> cells, the summary
+    ("sweep",),  # a study -> runs
+    ("figures",),
+    ("reproduce",),
+    ("analysis",),  # MLflow runs -> tables and figures
+    ("crossed", "notebooks"),
+    ("lmeval",),
+    ("evaluate", "probe"),  # checkpoints of runs and studies -> eval/, task/, probe metrics
+    ("bench", "gpucheck"),
+    ("lm_eval_hook", "cli"),
+)

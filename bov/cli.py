@@ -364,7 +364,8 @@ def eval_cmd(
     import json
 
     from bov.config import DataError
-    from bov.evaluate import evaluate, parse_data_arg
+    from bov.evaluate import evaluate
+    from bov.scoring import parse_data_arg
     from bov.paths import tracking_uri
 
     if not data and not tasks:
@@ -423,7 +424,7 @@ def probe_cmd(
 
     from bov.config import DataConfig, DataError
     from bov.sources import check_source
-    from bov.evaluate import parse_data_arg
+    from bov.scoring import parse_data_arg
     from bov.figures import probe_figures
     from bov.paths import runs_dir, tracking_uri
     from bov.probe import probe_checkpoints

@@ -4,7 +4,7 @@
 installed (bov's `.pth` hook registers the class when lm-eval loads its models), and `bov eval --tasks`
 runs the same class in process. Requests are scored as training reads text: `BOS + context +
 continuation`, the context cut from the left to the model's context; loglikelihoods come from one
-forward pass per request, batched by length; `loglikelihood_rolling` is `bov.evaluate.score` with disjoint
+forward pass per request, batched by length; `loglikelihood_rolling` is `bov.scoring.score` with disjoint
 windows; `generate_until` decodes greedily through `bov.infer`'s KV cache (so it equals `bov generate`).
 """
 
@@ -113,8 +113,8 @@ class BovLM(TemplateLM):
     @torch.no_grad()
     def _long(self, ids: list[int], n: int) -> tuple[float, bool]:
         """A continuation longer than the model's context: disjoint windows over the whole request, as
-        `bov.evaluate.score` reads a text, summing the predictions of the last n tokens."""
-        from bov.evaluate import windows
+        `bov.scoring.score` reads a text, summing the predictions of the last n tokens."""
+        from bov.scoring import windows
 
         total, greedy, first = 0.0, True, len(ids) - n
         t_ids = torch.tensor(ids, device=self.device_)
@@ -158,7 +158,7 @@ class BovLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         import numpy as np
 
-        from bov.evaluate import score
+        from bov.scoring import score
 
         out = []
         for req in requests:

@@ -174,7 +174,7 @@ def probe_checkpoints(checkpoints: list, source: str, name: str, max_tokens: int
     logged to the checkpoint's run as bov.tracking.PROBE_ARTIFACT when `uri` is given and the run is known."""
     from bov import tracking
     from bov.data import token_byte_lengths
-    from bov.evaluate import load_text
+    from bov.scoring import load_text
     from bov.infer import load_checkpoint
 
     out = []

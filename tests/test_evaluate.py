@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from bov.cli import app
 from bov.config import load_config
 from bov.sources import stdlib_files
-from bov.evaluate import parse_data_arg, score, text_name, windows
+from bov.scoring import parse_data_arg, score, text_name, windows
 from bov.infer import generate_text, load_checkpoint
 from bov.train import run_training
 from conftest import make
@@ -117,7 +117,7 @@ def test_eval_with_disjoint_windows_reproduces_validation_bpb_and_logs_to_the_ru
     T = t["cfg"].model.seq_len
     loaded = load_checkpoint(t["ckpt"])
     from bov.data import token_byte_lengths
-    from bov.evaluate import load_text
+    from bov.scoring import load_text
 
     stream = load_text(str(t["held"]), "held", loaded.tokenizer, loaded.bos_id, token_byte_lengths(loaded.tokenizer))
     covered = ((len(stream.ids) - 1) // T) * T + 1  # what training's validation windows cover

@@ -41,7 +41,6 @@ PARAM_GROUPS = ("matrix", "embedding", "unembedding", "bank", "scalar")
 TAG_COLUMNS = {T.TAG_STUDY: "study", T.TAG_LEVEL: "level", T.TAG_AXIS: "axis", T.TAG_TRIAL: "trial",
                T.TAG_VARIANT: "variant", T.TAG_PRESET: "preset", T.TAG_SEED: "seed", T.TAG_GIT: "git_commit",
                T.TAG_CONFIG_HASH: "config_hash", T.TAG_ERROR: "error", T.TAG_REPEATED: "data_repeated"}
-COEFF = re.compile(r"^coeff/layer(\d+)/([ab])(?:_head(\d+))?$")
 
 
 def results_dir() -> Path:
@@ -216,7 +215,7 @@ def coefficients(runs: pd.DataFrame) -> pd.DataFrame:
     """
     rows = []
     for col in runs.columns:
-        m = COEFF.match(str(col))
+        m = T.COEFF_METRIC.match(str(col))
         if not m:
             continue
         for r in runs[["level", "seed", col]].dropna().to_dict("records"):

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from bov.tracking import VAL_BPB
+from bov.tracking import PROBES, VAL_BPB
 
 def style() -> None:
     """One look for every figure."""
@@ -321,10 +321,6 @@ def plot_vcache(preset: str = "135m", variant: str = "bov", vocabs: Sequence[int
 
 # ----------------------------------------------------------------------------- mechanisms (bov probe)
 
-PROBE_LABELS = {"attention_entropy": "attention entropy (nats)", "first_token_mass": "attention on the first token",
-                "residual_cosine": "pairwise cosine, residual stream", "value_cosine": "pairwise cosine, values",
-                "value_norm": "value norm", "coeff_b": "coefficient b (alternative value)",
-                "coeff_a": "coefficient a (own value)"}
 
 
 def probe_frame(probes: Sequence[dict]) -> pd.DataFrame:
@@ -348,7 +344,7 @@ def plot_probe(frame: pd.DataFrame, probe: str, order: Sequence[str] | None = No
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=d, x="layer", y="value", hue="level", hue_order=order, errorbar="sd", marker="o", ax=ax)
     ax.set_xlabel("layer")
-    ax.set_ylabel(PROBE_LABELS.get(probe, probe))
+    ax.set_ylabel(PROBES.get(probe, probe))
     ax.legend(title=None, fontsize=8)
     if title:
         ax.set_title(title)
@@ -381,7 +377,8 @@ def probe_figures(probes: Sequence[dict], out_dir: Path, order: Sequence[str] | 
     """`probe_<name>.png/pdf` for every per-layer probe and `probe_bank_drift` when any run has banks."""
     frame = probe_frame(probes)
     files: list[Path] = []
-    for name in [n for n in PROBE_LABELS if n in set(frame["probe"])]:
+    # every probe the runs hold, in bov.tracking.PROBES' order, then any it does not name yet
+    for name in [n for n in PROBES if n in set(frame["probe"])] + sorted(set(frame["probe"]) - set(PROBES)):
         files += save(plot_probe(frame, name, order, title), out_dir, f"probe_{name}")
     if any(p.get("bank_drift") for p in probes):
         files += save(plot_bank_drift(probes, title), out_dir, "probe_bank_drift")

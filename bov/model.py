@@ -488,9 +488,10 @@ class GPT(nn.Module):
                 fwd += 2 * (len(p.depth_candidates) + 1) * cfg.head_dim * cfg.n_kv_heads
         return 3 * 2 * fwd
 
-    def value_coefficients(self) -> dict[str, float]:
-        """Learned value coefficients by layer (for `coeff/...` metrics and Figure 2)."""
-        out: dict[str, float] = {}
+    def value_coefficients(self) -> dict[tuple[int, str, int | None], float]:
+        """Learned value coefficients: (layer, "a" or "b", head or None for one per layer) -> value (training
+        logs them as `coeff/...` metrics, bov.tracking.coeff_metric; the paper's Figure 2)."""
+        out: dict[tuple[int, str, int | None], float] = {}
         for l, block in enumerate(self.blocks):
             mix = block.attn.mix
             if mix is None:
@@ -499,10 +500,10 @@ class GPT(nn.Module):
                 t = getattr(mix, name)
                 if isinstance(t, nn.Parameter):
                     if t.ndim == 0:
-                        out[f"coeff/layer{l:02d}/{name}"] = t.item()
+                        out[(l, name, None)] = t.item()
                     else:
                         for h, val in enumerate(t.flatten().tolist()):
-                            out[f"coeff/layer{l:02d}/{name}_head{h}"] = val
+                            out[(l, name, h)] = val
         return out
 
 

@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from bov.model import GPT, build_model, layer_windows, norm
 
 FREQUENCY_BUCKETS = ((0, 1, "0"), (1, 10, "1-9"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, math.inf, ">=1000"))
-PER_LAYER = ("attention_entropy", "first_token_mass", "residual_cosine", "value_cosine", "value_norm", "coeff_a",
-             "coeff_b")
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, window: int | None) -> torch.Tensor:

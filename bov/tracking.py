@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,14 @@ from bov.paths import StoreError, runs_dir, sqlite_tables, sqlite_value
 # metrics (MLflow keys; the run summary and `--json` use the same quantities under SUMMARY_KEYS)
 VAL_BPB, VAL_LOSS, TRAIN_LOSS = "val/bpb", "val/loss", "train/loss"
 TOKENS_PER_S, MFU = "throughput/tokens_per_s", "throughput/mfu"
+TOKENS, FLOPS, PEAK_MEMORY, LR_PREFIX = "tokens", "flops", "memory/peak_gib", "lr/"  # lr/<optimizer group>
+# every learned value coefficient: coeff/layerNN/<a|b>, per head coeff/layerNN/<a|b>_headH (a: on the layer's own
+# value, b: on the alternative source; the paper's Figure 2)
+COEFF_METRIC = re.compile(r"^coeff/layer(\d+)/([ab])(?:_head(\d+))?$")
+# bov probe's per-layer measurements (the run's PROBE_ARTIFACT), with the label a figure gives each
+PROBES = {"attention_entropy": "attention entropy (nats)", "first_token_mass": "attention on the first token",
+          "residual_cosine": "pairwise cosine, residual stream", "value_cosine": "pairwise cosine, values",
+          "value_norm": "value norm", "coeff_a": "coefficient a (own value)", "coeff_b": "coefficient b (alternative value)"}
 SUMMARY_KEYS = {VAL_BPB: "val_bpb", VAL_LOSS: "val_loss", TRAIN_LOSS: "train_loss"}
 EVAL_PREFIX, TASK_PREFIX = "eval/", "task/"  # bov eval: eval/<text>/<bpb|loss|tokens>, task/<task>/<metric>
 PROBE_ARTIFACT = "probe.json"  # bov probe: per-layer mechanism measurements, one file per run
@@ -34,6 +43,10 @@ def eval_metric(text: str, quantity: str) -> str:
 
 def task_metric(task: str, metric: str) -> str:
     return f"{TASK_PREFIX}{task}/{metric}"
+
+
+def coeff_metric(layer: int, which: str, head: int | None = None) -> str:
+    return f"coeff/layer{layer:02d}/{which}" + ("" if head is None else f"_head{head}")
 
 # tags of every training run
 TAG_VARIANT, TAG_PRESET, TAG_SEED = "variant", "preset", "seed"

@@ -229,18 +229,18 @@ class LitBoV(pl.LightningModule):
             return
         check_loss(self.last_train_loss, step, self.cfg.model.vocab_size)  # at the logging cadence (a sync on GPU)
         tokens = step * self.budget.tokens_per_step
-        m: dict[str, float] = {tracking.TRAIN_LOSS: self.last_train_loss, "tokens": float(tokens),
-                               "flops": float(tokens) * self.budget.flops_per_token}
+        m: dict[str, float] = {tracking.TRAIN_LOSS: self.last_train_loss, tracking.TOKENS: float(tokens),
+                               tracking.FLOPS: float(tokens) * self.budget.flops_per_token}
         for g in self.optimizers().optimizer.param_groups:
-            m[f"lr/{g['name']}"] = g["lr"]
+            m[tracking.LR_PREFIX + g["name"]] = g["lr"]
         if self._time_timed > 0:
             tps = self._tokens_timed / self._time_timed
             m[tracking.TOKENS_PER_S] = tps
             if self.peak_flops:
                 m[tracking.MFU] = self.mfu(tps)
         if torch.cuda.is_available():
-            m["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        m.update(self.model.value_coefficients())
+            m[tracking.PEAK_MEMORY] = torch.cuda.max_memory_allocated() / 2**30
+        m.update({tracking.coeff_metric(*k): v for k, v in self.model.value_coefficients().items()})
         self._log(m)
 
     def _log(self, metrics: dict[str, float]) -> None:

@@ -312,6 +312,9 @@ def test_probe_of_an_untrained_model_sees_banks_at_their_start_and_the_coefficie
     out = probe(model, ids, seed=0, max_windows=4)
     L = cfg.model.n_layers
     assert out["layers"] == L and out["tokens"] == 4 * cfg.model.seq_len
+    from bov.tracking import PROBES
+
+    assert set(out["per_layer"]) == set(PROBES)  # every measurement has its name (and label) in one place
     for name in ("attention_entropy", "first_token_mass", "residual_cosine", "value_cosine", "value_norm"):
         assert len(out["per_layer"][name]) == L and all(math.isfinite(v) for v in out["per_layer"][name])
     bank_layers = [p.layer for p in model.plan if p.bank is not None]

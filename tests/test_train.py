@@ -48,6 +48,18 @@ def test_wsd_schedule_shape():
     assert f[99] == pytest.approx(1 - 0.95 * 34 / 35) and all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
+def test_coefficient_metric_names_are_made_and_read_in_one_place():
+    from bov.model import build_model
+    from bov.tracking import COEFF_METRIC, coeff_metric
+
+    assert COEFF_METRIC.match(coeff_metric(4, "b")).groups() == ("04", "b", None)
+    assert COEFF_METRIC.match(coeff_metric(12, "a", 3)).groups() == ("12", "a", "3")
+    model = build_model(load_config("micro", "bov", {"model.value_coeff": "learned_per_head"}).model)
+    keys = model.value_coefficients()
+    assert keys and all(COEFF_METRIC.match(coeff_metric(*k)) for k in keys)
+    assert {k[2] for k in keys} == set(range(model.blocks[-1].attn.mix.b.numel()))  # one per head
+
+
 def test_a_run_is_named_by_what_it_is():
     from bov.tracking import run_name
 

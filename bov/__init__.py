@@ -16,8 +16,8 @@ LAYERS = (
     ("budget", "data"),
     ("infer", "scoring"),  # the cache, checkpoints; exact bits per byte of a model on a text
     ("tracking", "console"),  # the MLflow run schema; what training prints
-    ("storage", "train"),  # Optuna storages; one training run
-    ("study",),  # sweeps/<study>.yaml -> cells
+    ("storage", "litmodule", "train"),  # Optuna storages; a training step; one training run
+    ("study", "preflight"),  # sweeps/<study>.yaml -> cells; what a run or study is refused for, before compute
     ("trials",),  # Optuna trials <-> cells, the summary
     ("sweep",),  # a study -> runs
     ("figures",),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bov.config import load_config
-from bov.train import device_peak_flops as _peak
+from bov.litmodule import device_peak_flops as _peak
 from bov.train import run_training
 
 RESULTS = Path("results/bench")
@@ -70,10 +70,10 @@ def bench_cfg(preset: str, variant: str, steps: int, overrides: list[str] | None
 
 def effective_settings(cfg) -> dict:
     """What a run trained with, after --set overrides (not the preset's values)."""
-    from bov.train import _precision
+    from bov.train import precision
 
     t = cfg.train
-    return {"precision": _precision(cfg), "compile": t.compile, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+    return {"precision": precision(cfg), "compile": t.compile, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
             "seq_len": cfg.model.seq_len, "tokens_per_step": t.batch_size * t.grad_accum * cfg.model.seq_len,
             "optimizer": t.optimizer}
 

@@ -75,19 +75,14 @@ def train(
     """Train one variant to its budget, tracked in MLflow."""
     import json
 
+    from bov import preflight
     from bov.data import DataError
-    from bov.sources import check_source, check_vocab
-    from bov.paths import tracking_uri
-    from bov.tracking import check_tracking_uri
-    from bov.train import Diverged, check_compile, check_trainer, run_training
+    from bov.litmodule import Diverged
+    from bov.train import run_training
 
     cfg = load_or_exit(preset, variant, set_)
     try:
-        check_source(cfg.data)  # one line before any compute
-        check_vocab(cfg)
-        check_compile(cfg)
-        check_trainer(cfg)
-        check_tracking_uri(tracking_uri(cfg.tracking.tracking_uri))
+        preflight.run(cfg)  # one line before any compute
     except (DataError, ValueError) as e:
         fail(str(e))
 
@@ -482,21 +477,16 @@ def sweep(
 ) -> None:
     """Run (or continue) an Optuna study over one axis; every trial is an MLflow child run."""
     from bov.data import DataError
-    from bov.sources import check_source
-    from bov.sweep import format_summary, load_sweep, run_sweep
+    from bov.study import load_sweep
+    from bov.sweep import run_sweep
+    from bov.trials import format_summary
 
     if workers is None:
         import torch
 
         workers = max(1, torch.cuda.device_count())
-    from bov.paths import tracking_uri
-    from bov.tracking import check_tracking_uri
-
     try:
         sw = load_sweep(name, scale=scale, seeds=_seeds(seeds), study=study, steps=steps, overrides=set_)
-        for data_cfg in {c.cfg.data.model_dump_json(): c.cfg.data for c in sw.cells}.values():
-            check_source(data_cfg)
-        check_tracking_uri(tracking_uri(sw.cells[0].cfg.tracking.tracking_uri))
         result = run_sweep(sw, workers=workers, storage=storage, heartbeat=heartbeat, retry_failed=retry_failed,
                            log=typer.echo)
     except (ConfigError, DataError, ValueError) as e:
@@ -623,7 +613,7 @@ def reproduce(
 @app.command()
 def sweeps() -> None:
     """List the studies under sweeps/."""
-    from bov.sweep import SWEEPS_DIR, list_sweeps
+    from bov.study import SWEEPS_DIR, list_sweeps
 
     for name in list_sweeps():
         first = (SWEEPS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()

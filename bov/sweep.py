@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bov import tracking
+from bov import preflight, tracking
 from bov.config import ConfigError, DataError
 from bov.data import DataDrift, Recorded
 from bov.paths import RunBusy, RunLock, runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
-from bov.study import SWEEPS_DIR, Sweep, cell_budgets, list_sweeps, load_sweep  # noqa: F401 (re-exported)
-from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_deltas, cell_of, cell_run_names,  # noqa: F401
+from bov.study import Sweep, cell_budgets
+from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_deltas, cell_of, cell_run_names,
                         changed_cells, failed_cells, format_summary, resumable, run_tag, sampling, study_metrics,
                         summarize, write_summary)
 
@@ -368,20 +368,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
         raise ConfigError(f"--workers must be >= 1 (got {workers})")
     if heartbeat < 1:
         raise ConfigError(f"--heartbeat must be >= 1 second (got {heartbeat})")
-    # what Lightning and the compiler will refuse, before any store, data or compute
-    from bov.train import check_compile, check_trainer
-
-    trainers_checked: set[tuple] = set()
-    for c in sweep.cells:
-        t = c.cfg.train
-        trainer = (str(t.devices), t.strategy, t.num_nodes, t.precision)
-        try:
-            check_compile(c.cfg)
-            if trainer not in trainers_checked:  # Lightning's own reading of them, once per distinct setting
-                check_trainer(c.cfg)
-                trainers_checked.add(trainer)
-        except ValueError as e:
-            raise ConfigError(f"{sweep.path}: level {c.level}: {e}") from None
+    # what the data sources, the compiler, Lightning and the tracking store will refuse: before any store or data
+    preflight.study(sweep)
 
     url = normalize_storage(storage or default_storage())
     uri = tracking_uri(sweep.cells[0].cfg.tracking.tracking_uri)

@@ -50,7 +50,7 @@ def _run(client, exp_id, parent, level, seed, bpb, status="FINISHED", study="dem
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """An MLflow store holding sweep `demo-micro` (parent + trials, one FAILED) and `variants-micro`."""
-    from bov.train import ensure_experiment
+    from bov.tracking import ensure_experiment
 
     monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -12,7 +12,7 @@ import pytest
 
 from bov.config import ConfigError, load_config
 from bov.data import DataError, TokenStream, TrainWindows
-from bov.train import Budget, data_regime
+from bov.budget import Budget, data_regime
 
 SPLIT = {"matrix": 600, "embedding": 200, "unembedding": 100, "bank": 100, "scalar": 0}
 

@@ -21,7 +21,8 @@ from bov.config import load_config
 from bov.data import DataError, prepare
 from bov.sources import check_source, load_documents
 from bov.infer import KVCache, analytic_cache_bytes, cache_lengths, decode_error
-from bov.train import device_peak_flops, run_training
+from bov.litmodule import device_peak_flops
+from bov.train import run_training
 from conftest import VARIANTS, make
 
 WINDOWED = {"model__window_pattern": "SL", "model__short_window": 8}

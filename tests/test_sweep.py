@@ -23,7 +23,9 @@ from bov.config import ConfigError
 from bov.model import GPT
 from bov.plan import resolve_bank_layers
 from bov.study import BUDGET_KEYS
-from bov.sweep import ClaimLock, list_sweeps, load_sweep, run_sweep
+from bov.storage import ClaimLock
+from bov.study import list_sweeps, load_sweep
+from bov.sweep import run_sweep
 from bov.trials import StepPruning, cell_of, format_summary, summarize
 from conftest import sigint_default
 
@@ -277,7 +279,7 @@ def test_sigkill_mid_trial_then_rerun_completes_each_cell_once(tmp_path):
 
 def test_stale_heartbeat_fails_the_trial_and_kills_its_mlflow_run(tmp_path):
     """The many-machine path: a worker elsewhere stopped heartbeating; its trial fails, its run ends KILLED."""
-    from bov.sweep import open_storage
+    from bov.storage import open_storage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -493,7 +495,7 @@ def test_tpe_study_runs_its_trials(tmp_path):
 
 def test_sqlite_claim_lock_excludes_a_second_holder(tmp_path):
     url = f"sqlite:///{tmp_path / 'o.db'}"
-    code = ("import sys,time; from bov.sweep import ClaimLock; l=ClaimLock(sys.argv[1],'s'); l.acquire(); "
+    code = ("import sys,time; from bov.storage import ClaimLock; l=ClaimLock(sys.argv[1],'s'); l.acquire(); "
             "print('got', flush=True); time.sleep(1.5); l.release()")
     holder = subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "got"

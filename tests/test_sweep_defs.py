@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bov.config import list_variants, load_config
-from bov.sweep import load_sweep
+from bov.study import load_sweep
 from conftest import VARIANTS
 
 

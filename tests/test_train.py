@@ -17,7 +17,9 @@ import pytest
 
 from bov.config import load_config
 from bov.model import build_model
-from bov.train import lr_factor, plan_budget, run_training
+from bov.budget import plan_budget
+from bov.litmodule import lr_factor
+from bov.train import run_training
 from conftest import sigint_default
 
 BOV = [sys.executable, "-m", "bov.cli"]
@@ -151,7 +153,7 @@ def test_divergence_fails_cleanly(runs):
     cfg = load_config("micro", "baseline", {"train.max_steps": 30, "train.lr_matrix": 1e30, "train.lr_unembedding": 1e30,
                                             "train.lr_embedding": 1e30, "train.grad_clip": None, "tracking.log_every": 1,
                                             "train.optimizer": "adamw", "train.warmup_steps": 0})
-    from bov.train import Diverged
+    from bov.litmodule import Diverged
 
     with pytest.raises(Diverged, match="train loss is nan"):
         run_training(cfg, log=lambda m: None)
@@ -228,7 +230,7 @@ def test_failure_while_building_the_trainer_ends_failed(runs):
 
 
 def test_a_loss_that_explodes_without_nan_is_divergence():
-    from bov.train import Diverged, check_loss
+    from bov.litmodule import Diverged, check_loss
 
     check_loss(6.3, 1, 512)  # about uniform guessing over 512 tokens: fine
     for bad in (float("nan"), float("inf"), 1e5, 4 * 6.24 + 0.1):

@@ -78,6 +78,14 @@ def effective_settings(cfg) -> dict:
             "optimizer": t.optimizer}
 
 
+def output_dir(overrides: list[str] | None) -> Path:
+    """Where `bov bench-train` writes: results/bench for a preset as it is, the runs dir's bench/ when --set
+    changed it (a changed architecture is not the preset's number, and the committed one stays)."""
+    from bov.paths import runs_dir
+
+    return runs_dir() / "bench" if overrides else RESULTS
+
+
 def bench_train(preset: str, variants: list[str], steps: int, overrides: list[str] | None = None, log=print,
                 data=None, tag: str | None = None, command: str | None = None, out: Path = RESULTS) -> dict:
     """Train each variant `steps` steps through the real training path; rows of tokens/s, MFU, peak memory.

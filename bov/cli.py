@@ -193,13 +193,12 @@ def bench_train_cmd(
                                        "results/bench; with --set, <runs>/bench, so the committed numbers stay)"),
 ) -> None:
     """Training tokens/s (and MFU on GPU) per variant; writes results/bench/train_<preset>_<cpu|gpu>.{json,md}."""
-    from bov.bench import RESULTS, bench_train
-    from bov.paths import runs_dir
+    from bov.bench import bench_train, output_dir
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
     for v in names:
         load_or_exit(preset, v, set_)  # every variant valid before any compute
-    where = out or (runs_dir() / "bench" if set_ else RESULTS)  # a changed architecture is not the preset's number
+    where = out or output_dir(set_)
     bench_train(preset, names, steps, set_, log=typer.echo, out=where)
     typer.echo(f"written: {where}/train_{preset}_*.{{json,md}}")
 

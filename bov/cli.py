@@ -595,7 +595,12 @@ def reproduce(
         fail(str(e))
     metric = committed.definition.get("metric", "val/bpb")
     typer.echo(f"reproducing {len(sweep.cells)} cell(s) of {study} in {scratch}")
-    result = run_sweep(sweep, workers=1, storage=f"sqlite:///{scratch / 'optuna.db'}")
+    from bov.data import DataError
+
+    try:
+        result = run_sweep(sweep, workers=1, storage=f"sqlite:///{scratch / 'optuna.db'}")
+    except (ConfigError, DataError, ValueError) as e:  # e.g. the study's data is not on this machine
+        fail(str(e))
     if result.interrupted:
         raise typer.Exit(143 if result.interrupted == "SIGTERM" else 130)
     new = A.load_runs(name, os.environ["MLFLOW_TRACKING_URI"])[["level", "seed", metric]]

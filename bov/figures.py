@@ -144,6 +144,18 @@ def plot_deltas(deltas: pd.DataFrame, metric: str = VAL_BPB, order: Sequence[str
     return fig
 
 
+def _log_x(fig, ax, xlabel: str, ylabel: str, title: str):
+    """A scaling figure's finish: log x, the labels, the legend, the title."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_compute(runs: pd.DataFrame, by: str, fit=None, baseline: str | None = None, metric: str = VAL_BPB,
                  order: Sequence[str] | None = None, title: str = ""):
     """The metric against training FLOPs (log x): every seed's point (small), each cell group's mean (large, ±
@@ -164,14 +176,7 @@ def plot_compute(runs: pd.DataFrame, by: str, fit=None, baseline: str | None = N
     if fit is not None:
         c = np.geomspace(runs["compute"].min() / 1.3, runs["compute"].max() * 1.3, 100)
         ax.plot(c, fit.loss(c), color="black", lw=1, ls="--", label=f"{baseline} fit: E + A C^-{fit.alpha:.2f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel(f"validation {metric.split('/')[-1]}")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _log_x(fig, ax, "training FLOPs", f"validation {metric.split('/')[-1]}", title)
 
 
 def plot_multipliers(table: pd.DataFrame, by: str, title: str = ""):
@@ -219,14 +224,8 @@ def plot_size_trend(table: pd.DataFrame, trend: dict, title: str = "", metric: s
     ax.plot(10 ** grid, a + trend["slope"] * grid, color="black", lw=1, ls="--",
             label=f"{trend['slope']:+.4f} per decade [{trend['ci_low']:+.4f}, {trend['ci_high']:+.4f}]: {trend['trend']}")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("non-embedding parameters")
-    ax.set_ylabel(f"gain in validation {metric.split('/')[-1]} (baseline - variant)")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _log_x(fig, ax, "non-embedding parameters", f"gain in validation {metric.split('/')[-1]} (baseline - variant)",
+                  title)
 
 
 def plot_epochs(runs: pd.DataFrame, metric: str = VAL_BPB, hue: str = "variant", order: Sequence[str] | None = None,

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 LAYERS = (
     ("paths",),  # the runs dir, locks, store errors
     ("config", "stats", "scaling"),  # typed configs; the statistics and fits of a comparison (pure)
+    ("corpora",),  # a corpus name -> its local copy, or its public equivalent from the Hub
     ("plan", "sources"),  # config axes -> per-layer plan; corpora -> documents
     ("model", "optim"),
     ("budget", "data"),

@@ -40,7 +40,8 @@ PARAM_GROUPS = ("matrix", "embedding", "unembedding", "bank", "scalar")
 # MLflow tag -> column. Plain training runs have variant/preset/seed; sweep trials add the bov.* ones.
 TAG_COLUMNS = {T.TAG_STUDY: "study", T.TAG_LEVEL: "level", T.TAG_AXIS: "axis", T.TAG_TRIAL: "trial",
                T.TAG_VARIANT: "variant", T.TAG_PRESET: "preset", T.TAG_SEED: "seed", T.TAG_GIT: "git_commit",
-               T.TAG_CONFIG_HASH: "config_hash", T.TAG_ERROR: "error", T.TAG_REPEATED: "data_repeated"}
+               T.TAG_CONFIG_HASH: "config_hash", T.TAG_ERROR: "error", T.TAG_REPEATED: "data_repeated",
+               T.TAG_DATA: "data_fingerprint", T.TAG_CORPUS: "corpus"}
 
 
 def results_dir() -> Path:

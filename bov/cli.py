@@ -123,11 +123,15 @@ def prepare_cmd(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks to cache for offline `bov eval` "
                                         "(e.g. core), comma-separated"),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="a directory of lm-eval task YAMLs"),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="a named corpus (wikipedia-en): find its local copy, "
+                                         "or build its public equivalent from the Hugging Face Hub once"),
 ) -> None:
     """Tokenize a corpus once (the tokenizer and token streams every run, budget and sweep cell then reuses), or
-    fetch the datasets of lm-eval tasks once, so that later runs need no network."""
+    fetch the datasets of lm-eval tasks or a named corpus once, so that later runs need no network."""
     if tasks is not None:
         return _prepare_tasks(tasks, include_path)
+    if corpus is not None:
+        return _prepare_corpus(corpus)
     from bov.budget import model_shape, plan_budget, world_size
     from bov.data import DataError, prepare
     from bov.sources import check_source
@@ -144,6 +148,18 @@ def prepare_cmd(
     typer.echo(f"{cfg.data.source}: train {data.train.n_tokens:,} tokens, validation {data.val.n_tokens:,} tokens, "
                f"vocabulary {len(data.token_bytes):,}; streams in {data.train.path.parent}, "
                f"tokenizer {data.tokenizer_path}")
+
+
+def _prepare_corpus(name: str) -> None:
+    from bov.corpora import CORPUS_PREFIX, root_of
+    from bov.data import DataError
+    from bov.sources import corpus_origin
+
+    try:
+        root_of(name)
+        typer.echo(corpus_origin(f"{CORPUS_PREFIX}{name}/*"))
+    except DataError as e:
+        fail(str(e).replace("data.source", "--corpus", 1))
 
 
 def _prepare_study(name: str) -> None:
@@ -603,10 +619,20 @@ def reproduce(
         fail(str(e))
     if result.interrupted:
         raise typer.Exit(143 if result.interrupted == "SIGTERM" else 130)
-    new = A.load_runs(name, os.environ["MLFLOW_TRACKING_URI"])[["level", "seed", metric]]
-    table = R.compare(committed, new, metric)
+    new = A.load_runs(name, os.environ["MLFLOW_TRACKING_URI"])
+    shown = metric
+    if (why := R.other_data(committed, new)) and (ref := R.reference_of(committed)) in set(new["level"]):
+        typer.echo(f"\nthese runs read other text than the committed ones ({why}): their {metric} is not expected to "
+                   f"match, so each level's paired difference from {ref} is compared instead")
+        committed = R.Committed(committed.name, committed.folder, committed.definition,
+                                R.as_deltas(committed.runs, metric, ref))
+        new, shown = R.as_deltas(new, metric, ref), f"{metric} - {ref}"
+    elif why:
+        typer.echo(f"\nthese runs read other text than the committed ones ({why}); re-run with --levels including "
+                   f"{R.reference_of(committed)} to compare differences rather than {metric}")
+    table = R.compare(committed, new[["level", "seed", metric]], metric)
     typer.echo(f"\n{study}: committed (results/{study}/runs.csv) against this machine's runs\n")
-    typer.echo(R.format_comparison(table, metric))
+    typer.echo(R.format_comparison(table, shown))
     outside = table[table["inside"] == False]  # noqa: E712 (None: unchecked)
     if len(outside):
         typer.echo(f"\n{len(outside)} level(s) outside what the committed seeds allow: "

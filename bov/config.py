@@ -301,6 +301,17 @@ class TrackingConfig(_Section):
 _ADDED_AT_DEFAULT = (("model", "residual_init", "scaled"), ("model", "unembedding_init_std", None))
 
 
+# A named corpus (`corpus:wikipedia-en/<files>`, bov.corpora) hashes as the path the studies gave before names
+# existed, so their stores and the records in results/ keep their config hashes.
+CORPUS_PREFIX, LEGACY_CORPUS_ROOT = "corpus:", "../shared/data"
+
+
+def _hashed_source(source: str | None) -> str | None:
+    if source and source.startswith(CORPUS_PREFIX):
+        return f"{LEGACY_CORPUS_ROOT}/{source[len(CORPUS_PREFIX):]}"
+    return source
+
+
 class ExperimentConfig(_Section):
     """The single source of truth for one run."""
 
@@ -320,6 +331,8 @@ class ExperimentConfig(_Section):
         d = self.model_dump(mode="json")
         d.pop("tracking", None)
         d["data"].pop("num_proc", None)  # how fast the data is made, not what it is
+        for key in ("source", "val_source"):
+            d["data"][key] = _hashed_source(d["data"][key])
         for section, key, default in _ADDED_AT_DEFAULT:  # keys added later keep older runs' hashes at their default
             if d[section].get(key) == default:
                 d[section].pop(key, None)

@@ -29,8 +29,9 @@ import torch
 
 from bov.config import DataError, ExperimentConfig
 from bov.paths import cache_dir
+from bov.corpora import sha256_file
 from bov.sources import (HASH_BUCKETS, arrow_damage, cause_of, check_source, check_split, check_vocab, describe_source,
-                         doc_bucket, drop_cache, load_documents, remember_digests, sha256_file)
+                         doc_bucket, drop_cache, load_documents, remember_digests)
 
 BOS = "<|bos|>"
 PACK_FORMAT = 1  # how _pack lays out a stream; a cache of another format is rebuilt, never read as this one

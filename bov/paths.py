@@ -35,11 +35,15 @@ def runs_dir() -> Path:
     return _make(Path(os.environ.get("BOV_RUNS_DIR", "runs")).expanduser().resolve(), "BOV_RUNS_DIR")
 
 
-def cache_dir(name: str) -> Path:
-    """Tokenizers and token streams: `<runs>/cache`, or BOV_CACHE_DIR (e.g. one cache shared by many runs dirs)."""
+def cache_dir(name: str, make: bool = True) -> Path:
+    """Tokenizers and token streams: `<runs>/cache`, or BOV_CACHE_DIR (e.g. one cache shared by many runs dirs).
+    `make=False`: only where it would be (nothing is created to look)."""
     root = os.environ.get("BOV_CACHE_DIR")
     if root:
-        return _make(Path(root).expanduser().resolve() / name, "BOV_CACHE_DIR")
+        path = Path(root).expanduser().resolve() / name
+        return _make(path, "BOV_CACHE_DIR") if make else path
+    if not make:
+        return Path(os.environ.get("BOV_RUNS_DIR", "runs")).expanduser().resolve() / "cache" / name
     return _make(runs_dir() / "cache" / name, "BOV_RUNS_DIR")
 
 

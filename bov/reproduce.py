@@ -13,6 +13,11 @@ out the recorded commit), runs the cells in a scratch runs dir (the token caches
 * each new seed against the committed run of the same seed (the difference is shown; on the same machine and
   software it is 0 or close to it).
 
+When the new runs read other text than the committed ones (the record's `data_fingerprint`, or for older
+records the runs' `bov.corpus` tag: a named corpus's public equivalent, or a local copy of other bytes), their
+absolute numbers are not expected to match: each level's paired difference from the study's reference level is
+compared instead, in the same way, the reference's own row left out.
+
 A level outside its interval makes the exit code 1. It is the researcher's way to check a committed claim
 before trusting it, and the maintainers' regression check after a change.
 """
@@ -45,7 +50,7 @@ def write_record(definition: dict, runs: pd.DataFrame, metric: str, git_commit: 
     """What `reproduce` needs of a study, beside its tables (called by `make figures`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RECORD).write_text(json.dumps({**definition, "git_commit": git_commit}, indent=1, default=str) + "\n")
-    cols = [c for c in ("level", "seed", metric, "config_hash") if c in runs]
+    cols = [c for c in ("level", "seed", metric, "config_hash", "data_fingerprint") if c in runs]
     runs[cols].sort_values(["level", "seed"]).to_csv(out_dir / RUNS, index=False)
     return [out_dir / RECORD, out_dir / RUNS]
 
@@ -89,6 +94,32 @@ def resolve(committed: Committed, seeds: list[int] | None, levels: list[str] | N
                                  f"not the {was} it ran with (a preset or the study file changed since); check out "
                                  f"the commit it ran at ({d.get('git_commit') or 'unknown'})")
     return sweep
+
+
+def other_data(committed: Committed, new: pd.DataFrame) -> str | None:
+    """Why the new runs' text is not the committed runs' (None when it is, or nothing says otherwise)."""
+    from bov.sources import SAME_BYTES
+
+    if "data_fingerprint" in committed.runs and "data_fingerprint" in new:
+        was, now = set(committed.runs["data_fingerprint"].dropna()), set(new["data_fingerprint"].dropna())
+        if now and not now <= was:
+            return f"data fingerprint {', '.join(sorted(now))}, not the committed {', '.join(sorted(was))}"
+        return None
+    said = sorted({o for o in new.get("corpus", pd.Series(dtype=object)).dropna() if SAME_BYTES not in o})
+    return "; ".join(said) or None
+
+
+def reference_of(committed: Committed) -> str:
+    d = committed.definition
+    return (d.get("references") or [d.get("baseline_level") or "baseline"])[0]
+
+
+def as_deltas(runs: pd.DataFrame, metric: str, reference: str) -> pd.DataFrame:
+    """Each run's metric minus its seed's run of the reference level (the reference's rows dropped)."""
+    base = runs[runs["level"] == reference].set_index("seed")[metric]
+    out = runs[runs["level"] != reference].copy()
+    out[metric] = out[metric].to_numpy() - base.reindex(out["seed"]).to_numpy()
+    return out.dropna(subset=[metric])
 
 
 def compare(committed: Committed, new: pd.DataFrame, metric: str, confidence: float = 0.95) -> pd.DataFrame:

@@ -19,7 +19,9 @@ import sysconfig
 from pathlib import Path
 
 
+from bov import corpora
 from bov.config import DataConfig, DataError, ExperimentConfig
+from bov.corpora import hub_offline, sha256_file
 from bov.paths import cache_dir
 
 HASH_BUCKETS = 10_000
@@ -32,6 +34,7 @@ def stdlib_files() -> list[Path]:
 
 
 def _local_files(source: str) -> list[Path]:
+    source = corpora.resolve(source)  # a named corpus: its local copy, or its public equivalent (built once)
     paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
     paths = [p for p in paths if p.is_file()]
     if not paths:
@@ -50,7 +53,7 @@ FILE_SUFFIXES = (".txt", ".md", ".py", ".json", ".jsonl", ".parquet", ".gz", ".x
 
 def is_local(source: str) -> bool:
     """stdlib, a path or a glob; anything else (e.g. `org/name`) is a hub dataset id."""
-    return (source == "stdlib" or source.startswith(("/", ".", "~")) or any(c in source for c in "*?[")
+    return (source == "stdlib" or corpora.is_named(source) or source.startswith(("/", ".", "~")) or any(c in source for c in "*?[")
             or source.endswith(FILE_SUFFIXES) or Path(source).exists())
 
 
@@ -63,6 +66,23 @@ def describe_source(source: str) -> dict:
     if is_local(source):
         return {"sha256": [file_digest(p) for p in _local_files(source)]}
     return {"source": source}
+
+
+SAME_BYTES = "the files results/ was made from"  # what corpus_origin says of a copy with the committed bytes
+
+
+def corpus_origin(source: str | None) -> str | None:
+    """Which copy a named corpus resolved to, in words (None for any other source): a run's tag bov.corpus."""
+    if not corpora.is_named(source):
+        return None
+    name, _ = corpora.split_name(source)
+    root = corpora.root_of(name, build=False)
+    if root == corpora.built_root(name):
+        stamp = json.loads((root / corpora.STAMP).read_text())
+        return (f"{name}: public equivalent from {stamp['hub_id']} {stamp['hub_config']} ({stamp['found']:,} of "
+                f"{stamp['wanted']:,} page ids; newer text than results/ was made from)")
+    same = all(file_digest(root / f) == meta["sha256"] for f, meta in corpora.manifest(name).files.items())
+    return f"{name}: local copy {root} ({SAME_BYTES if same else 'other bytes than ' + SAME_BYTES})"
 
 
 _UNSAVED_DIGESTS: dict[Path, str] = {}  # memo file -> digest, computed in this process, saved by remember_digests
@@ -97,14 +117,6 @@ def remember_digests() -> None:
         os.replace(tmp, memo)  # never a half-written digest
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 BYTE_LEVEL_MIN_VOCAB = 257  # 256 byte tokens + BOS
 
 
@@ -121,6 +133,10 @@ def check_source(cfg: DataConfig) -> None:
         if src is None or src == "stdlib":
             continue
         if is_local(src):
+            try:  # a named corpus: its copy, or one line naming where a copy could come from
+                src = corpora.resolve(src)
+            except DataError as e:
+                raise DataError(str(e).replace("data.source", key, 1)) from None
             try:
                 files = _local_files(src)
             except DataError:
@@ -147,8 +163,6 @@ def _tail(path: Path, n: int) -> bytes:
         return f.read()
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def cause_of(e: BaseException) -> str:

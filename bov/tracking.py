@@ -61,6 +61,7 @@ ROLE_SWEEP = "sweep"
 TAG_NOTE = "mlflow.note.content"  # MLflow's own: a run's description, rendered as markdown
 # the layers the value axes act on (value_source's targets) and those of them that hold a bank table: "4,5"
 TAG_TARGET_LAYERS, TAG_BANK_LAYERS = "bov.target_layers", "bov.bank_layers"
+TAG_CORPUS = "bov.corpus"  # a named corpus (bov.corpora): which copy it read, and the corpus digest
 # What a run's setup derives (budget, parameter counts, data regime: `budget.tokens`, `params.bank`, ...) is
 # logged as metrics at step 0 named SETUP + key (one section of the MLflow chart view), not as params: params are
 # the settings a user chose. Older stores hold them as params; the analysis reads either (bov.analysis.load_runs).
@@ -291,7 +292,7 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict
             TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATA: data["fingerprint"], TAG_REPEATED: str(repeated).lower(),
             TAG_TARGET_LAYERS: ",".join(map(str, targets)),
             TAG_BANK_LAYERS: ",".join(map(str, targets)) if cfg.model.value_source == "bank" else "",
-            **(extra_tags or {})}
+            **_corpus_tag(cfg, data), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
@@ -302,6 +303,13 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict
     _log_derived(client, run_id, params)
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     return run_id
+
+
+def _corpus_tag(cfg, data: dict) -> dict[str, str]:
+    from bov.sources import corpus_origin
+
+    said = [o for o in dict.fromkeys(map(corpus_origin, (cfg.data.source, cfg.data.val_source))) if o]
+    return {TAG_CORPUS: f"{'; '.join(said)}; corpus digest {data.get('corpus', '?')}"} if said else {}
 
 
 def resumed_run_id(uri: str, state_path: Path) -> str:

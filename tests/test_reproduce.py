@@ -37,6 +37,33 @@ def test_a_new_mean_is_judged_by_the_committed_seeds_prediction_interval():
     assert "OUTSIDE" in shown and "unchecked: one committed seed has no spread" in shown and "± 0.0100 (n=3)" in shown
 
 
+def test_runs_on_other_text_are_judged_by_their_differences_from_the_reference():
+    c = committed({"baseline": [2.00, 2.01, 2.02], "bov": [1.97, 1.985, 1.99]})
+    c.definition["references"] = ["baseline", "bov"]
+    shifted = pd.DataFrame([{"level": lv, "seed": s, METRIC: v + 0.3}  # newer text: every number 0.3 higher
+                            for lv, vs in {"baseline": [2.00, 2.01, 2.02], "bov": [1.975, 1.98, 1.995]}.items()
+                            for s, v in enumerate(vs)])
+    assert R.compare(c, shifted, METRIC).set_index("level")["inside"].tolist() == [False, False]
+    ref = R.reference_of(c)
+    t = R.compare(R.Committed("x", c.folder, c.definition, R.as_deltas(c.runs, METRIC, ref)),
+                  R.as_deltas(shifted, METRIC, ref), METRIC).set_index("level")
+    assert list(t.index) == ["bov"] and bool(t.loc["bov", "inside"])
+    assert t.loc["bov", "committed"] == pytest.approx(-0.085 / 3) and t.loc["bov", "new"] == pytest.approx(-0.08 / 3)
+    assert t.loc["bov", "same-seed diff"] == pytest.approx(0.005)  # each seed: -0.025 against -0.03, or back
+
+
+def test_what_says_the_new_runs_read_other_text():
+    c = committed({"a": [2.0, 2.1]})
+    assert R.other_data(c, pd.DataFrame({"level": ["a"], "corpus": [None]})) is None  # a source without a name
+    same = "wikipedia-en: local copy /x/wikipedia-en (the files results/ was made from)"
+    assert R.other_data(c, pd.DataFrame({"corpus": [same]})) is None
+    hub = "wikipedia-en: public equivalent from wikimedia/wikipedia 20231101.en (8,100 of 8,153 page ids; ...)"
+    assert R.other_data(c, pd.DataFrame({"corpus": [same, hub]})) == hub
+    c.runs["data_fingerprint"] = ["f1", "f1"]  # a record with fingerprints: they decide
+    assert R.other_data(c, pd.DataFrame({"data_fingerprint": ["f1"], "corpus": [hub]})) is None
+    assert R.other_data(c, pd.DataFrame({"data_fingerprint": ["f2"]})) == "data fingerprint f2, not the committed f1"
+
+
 def test_a_study_without_a_record_or_a_bad_subset_is_one_line(tmp_path):
     with pytest.raises(R.ReproduceError, match="no committed study to reproduce"):
         R.load_committed("nothing-here", tmp_path)

@@ -212,6 +212,17 @@ class ModelConfig(_Section):
         return self
 
 
+# A named corpus (`corpus:wikipedia-en/<files>`, bov.corpora) hashes as the path the studies gave before names
+# existed, so their stores and the records in results/ keep their config hashes.
+CORPUS_PREFIX, LEGACY_CORPUS_ROOT = "corpus:", "../shared/data"
+
+
+def _hashed_source(source: str | None) -> str | None:
+    if source and source.startswith(CORPUS_PREFIX):
+        return f"{LEGACY_CORPUS_ROOT}/{source[len(CORPUS_PREFIX):]}"
+    return source
+
+
 class DataConfig(_Section):
     """Where text comes from and how it is tokenized (used by bov.data)."""
 
@@ -229,6 +240,11 @@ class DataConfig(_Section):
     # for every seed and variant), repeated as the budget needs: a count, or "0.5x" = half the
     # tokens the run trains on (repetition at fixed compute).
     max_unique_tokens: Union[int, str, None] = None
+
+    def hashed(self, exclude: set[str] | None = None) -> dict[str, Any]:
+        """This data setting as hashes see it: a named corpus as its legacy path."""
+        d = self.model_dump(mode="json", exclude=exclude)
+        return {**d, "source": _hashed_source(d["source"]), "val_source": _hashed_source(d["val_source"])}
 
     @field_validator("max_unique_tokens")
     @classmethod
@@ -301,17 +317,6 @@ class TrackingConfig(_Section):
 _ADDED_AT_DEFAULT = (("model", "residual_init", "scaled"), ("model", "unembedding_init_std", None))
 
 
-# A named corpus (`corpus:wikipedia-en/<files>`, bov.corpora) hashes as the path the studies gave before names
-# existed, so their stores and the records in results/ keep their config hashes.
-CORPUS_PREFIX, LEGACY_CORPUS_ROOT = "corpus:", "../shared/data"
-
-
-def _hashed_source(source: str | None) -> str | None:
-    if source and source.startswith(CORPUS_PREFIX):
-        return f"{LEGACY_CORPUS_ROOT}/{source[len(CORPUS_PREFIX):]}"
-    return source
-
-
 class ExperimentConfig(_Section):
     """The single source of truth for one run."""
 
@@ -330,9 +335,7 @@ class ExperimentConfig(_Section):
         """Stable hash of everything that defines the run (names excluded)."""
         d = self.model_dump(mode="json")
         d.pop("tracking", None)
-        d["data"].pop("num_proc", None)  # how fast the data is made, not what it is
-        for key in ("source", "val_source"):
-            d["data"][key] = _hashed_source(d["data"][key])
+        d["data"] = self.data.hashed(exclude={"num_proc"})  # how fast the data is made, not what it is
         for section, key, default in _ADDED_AT_DEFAULT:  # keys added later keep older runs' hashes at their default
             if d[section].get(key) == default:
                 d[section].pop(key, None)

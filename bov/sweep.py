@@ -44,8 +44,10 @@ DATA_ATTR = "bov.data"  # study attribute: data setting (data_key) -> the data i
 def data_key(cfg) -> str:
     """One study's data setting: cells that differ only in how much of the stream they may repeat share it."""
     import hashlib
+    import json
 
-    return hashlib.sha256(cfg.data.model_dump_json(exclude={"max_unique_tokens"}).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(cfg.data.hashed(exclude={"max_unique_tokens"}), separators=(",", ":"))
+                          .encode()).hexdigest()[:16]
 
 
 def _existing(sweep: Sweep, storage):

@@ -22,8 +22,8 @@ LAYERS = (
     ("trials",),  # Optuna trials <-> cells, the summary
     ("sweep",),  # a study -> runs
     ("figures",),
-    ("reproduce",),
     ("analysis",),  # MLflow runs -> tables and figures
+    ("reproduce",),  # a committed study, run again and compared
     ("crossed", "notebooks"),
     ("lmeval",),
     ("evaluate", "probe"),  # checkpoints of runs and studies -> eval/, task/, probe metrics

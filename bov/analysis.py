@@ -20,6 +20,7 @@ or a shared server.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -42,6 +43,9 @@ TAG_COLUMNS = {T.TAG_STUDY: "study", T.TAG_LEVEL: "level", T.TAG_AXIS: "axis", T
                T.TAG_VARIANT: "variant", T.TAG_PRESET: "preset", T.TAG_SEED: "seed", T.TAG_GIT: "git_commit",
                T.TAG_CONFIG_HASH: "config_hash", T.TAG_ERROR: "error", T.TAG_REPEATED: "data_repeated",
                T.TAG_DATA: "data_fingerprint", T.TAG_CORPUS: "corpus"}
+
+
+RECORD, RUNS = "study.json", "runs.csv"  # written by `make figures` beside a study's tables; read by bov.reproduce
 
 
 def results_dir() -> Path:
@@ -325,12 +329,19 @@ def write_verdicts(study: Study, out_dir: Path) -> list[Path]:
     return [out_dir / "verdicts.csv", out_dir / "verdicts.md"]
 
 
+def write_record(definition: dict, runs: pd.DataFrame, metric: str, git_commit: str | None, out_dir: Path) -> list[Path]:
+    """What `bov reproduce` needs of a study, beside its tables: its definition and every run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RECORD).write_text(json.dumps({**definition, "git_commit": git_commit}, indent=1, default=str) + "\n")
+    cols = [c for c in ("level", "seed", metric, "config_hash", "data_fingerprint") if c in runs]
+    runs[cols].sort_values(["level", "seed"]).to_csv(out_dir / RUNS, index=False)
+    return [out_dir / RECORD, out_dir / RUNS]
+
+
 def publish(name: str, uri: str, out_dir: Path) -> None:
     """After a study's notebook ran: the record `bov reproduce` reads (`study.json`, `runs.csv`) beside its
     tables, and its MLflow parent run showing them (its description: the tables; its artifacts: every file)."""
     import mlflow
-
-    from bov.reproduce import write_record
 
     parent = T.sweep_parent(uri, name)
     if parent is None:

@@ -375,8 +375,8 @@ def eval_cmd(
 
     from bov.config import DataError
     from bov.evaluate import evaluate
-    from bov.scoring import parse_data_arg
     from bov.paths import tracking_uri
+    from bov.scoring import parse_texts
 
     if not data and not tasks:
         fail("give --data [NAME=]SOURCE (a text to score) or --tasks NAME[,NAME]")
@@ -386,15 +386,7 @@ def eval_cmd(
     found = _checkpoints(checkpoint, study, uri)
     device = _device(device)
     try:
-        texts = [parse_data_arg(d) for d in data or []]
-        names = [n for n, _ in texts]
-        if len(set(names)) < len(names):
-            fail(f"--data: two texts are named {max(names, key=names.count)!r}; name them (NAME=SOURCE)")
-        from bov.sources import check_source
-        from bov.config import DataConfig
-
-        for _, source in texts:
-            check_source(DataConfig(source=source))
+        texts = parse_texts(data or [])
         rows = evaluate(found, texts, stride, max_tokens, batch_size, device,
                         [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
                         str(include_path) if include_path else None, num_fewshot, limit,
@@ -430,36 +422,24 @@ def probe_cmd(
 ) -> None:
     """Per-layer mechanisms: attention entropy and first-token mass, representation and value similarity,
     value norms, learned coefficients, bank-row drift; one figure per probe, a line per variant."""
-    import json
-
-    from bov.config import DataConfig, DataError
-    from bov.sources import check_source
-    from bov.scoring import parse_data_arg
-    from bov.figures import probe_figures
+    from bov.config import DataError
     from bov.paths import runs_dir, tracking_uri
-    from bov.probe import probe_checkpoints
+    from bov.probe import probe_report
+    from bov.scoring import parse_texts
 
     uri = _store() if study or not no_log else tracking_uri()
     try:
-        name, source = parse_data_arg(data)
-        check_source(DataConfig(source=source))
+        ((name, source),) = parse_texts([data])
     except DataError as e:
         fail(str(e))
     found = _checkpoints(checkpoint, study, uri)
     device = _device(device)
+    out = out or runs_dir() / "probe" / name
     try:
-        results = probe_checkpoints(found, source, name, max_tokens, windows, device=device,
-                                    uri=None if no_log else uri, log=lambda m: typer.echo(m, err=True))
+        files = probe_report(found, source, name, out, max_tokens, windows, device=device,
+                             uri=None if no_log else uri, log=lambda m: typer.echo(m, err=True))
     except (DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
-    labels = [r["variant"] for r in results]
-    for r in results:  # two checkpoints of one variant and seed: tell them apart by their run directory
-        if sum(1 for x in results if (x["variant"], x["seed"]) == (r["variant"], r["seed"])) > 1 and labels.count(r["variant"]) > 1:
-            r["level"] = f"{r['variant']} ({Path(r['checkpoint']).parent.name})"
-    out = out or runs_dir() / "probe" / name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probes.json").write_text(json.dumps(results, indent=1))
-    files = probe_figures(results, out, title=f"probed on {name}")
     typer.echo(f"written: {out}/ (probes.json, {len(files) // 2} figures)")
 
 
@@ -531,49 +511,16 @@ def figures(
     script: bool = typer.Option(False, "--script", help="run the notebooks as plain scripts (no executed .ipynb)"),
 ) -> None:
     """Run the analysis notebooks headlessly: tables and figures (and executed notebooks) under results/."""
-    import os
+    from bov.notebooks import run_figures
 
-    from bov import analysis as A
-    from bov import notebooks as N
-    from bov.paths import runs_dir, tracking_uri
-    from bov.tracking import relocate_artifacts
-
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
-        fail(f"no MLflow store at {uri}; run `make sweep` first (or set MLFLOW_TRACKING_URI)")
-    _store()
-    relocate_artifacts(uri)  # a runs dir copied from elsewhere: its study definitions are read from here
-    names = study or A.sweep_experiments(uri)
-    if not names:
-        fail(f"no sweep in the MLflow store {uri}; run `make sweep` first (or pass --study)")
-    execute = not script and N.can_execute_notebooks()
-    results = A.results_dir().resolve()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, BOV_RESULTS_DIR=str(results), BOV_RUNS_DIR=str(runs_dir()),
-               MPLBACKEND="Agg")
-    jobs = []
-    for name in names:
-        try:
-            loaded = A.load_study(name, uri)
-        except ValueError as e:
-            fail(str(e))
-        if loaded.runs.empty:
-            if study:
-                fail(f"study {name!r} has no finished runs yet; run its sweep first")
-            typer.echo(f"{name}: no finished runs yet, skipped")
-            continue
-        jobs.append((name, N.notebook_for(loaded.definition, crossed=bool(loaded.axes)), results / name))
-    jobs.append(("vcache_memory", N.NOTEBOOKS / "vcache_memory.py", results / "vcache_memory"))
-    for name, notebook, out in jobs:
-        typer.echo(f"{name}: analysis/{notebook.name} -> {out}")
-        try:
-            N.run_notebook(notebook, out, {**env, "BOV_STUDY": name}, execute)
-        except RuntimeError as e:
-            fail(f"{name}: {e}", code=1)
-    for name, _, out in jobs:
-        if name != "vcache_memory":
-            A.publish(name, uri, out)  # the record `bov reproduce` reads; the MLflow parent shows what results/ shows
-        files = sorted(p.name for p in out.glob("*") if p.is_file())
-        typer.echo(f"written: {out}/ ({', '.join(files)})")
+    try:
+        written = run_figures(study, script, log=typer.echo)
+    except RuntimeError as e:  # a notebook failed
+        fail(str(e), code=1)
+    except ValueError as e:
+        fail(str(e))
+    for out in written:
+        typer.echo(f"written: {out}/ ({', '.join(sorted(p.name for p in out.glob('*') if p.is_file()))})")
 
 
 @app.command()
@@ -586,53 +533,19 @@ def reproduce(
 ) -> None:
     """Run a committed study again (or part of it) and say per level whether it lands inside what the committed
     seeds allow; exit 1 when a level does not."""
-    import os
-
-    from bov import analysis as A
-    from bov import reproduce as R
-    from bov.paths import cache_dir, runs_dir
-    from bov.sweep import run_sweep
+    from bov.data import DataError
+    from bov.reproduce import reproduce as run
 
     try:
-        committed = R.load_committed(study, A.results_dir())
         chosen = [int(x) for x in seeds.split(",")] if seeds else None
-    except R.ReproduceError as e:
-        fail(str(e))
     except ValueError:
         fail(f"--seeds: {seeds!r} is not a comma-separated list of integers")
-    scratch = (runs_dir_ or runs_dir() / "reproduce" / study).resolve()
-    name = f"{study}-reproduce"
-    os.environ["BOV_CACHE_DIR"] = str(cache_dir("tokens").parent)  # caches shared: the scratch dir only runs
-    os.environ["BOV_RUNS_DIR"] = str(scratch)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"  # never the user's own server
-    try:
-        sweep = R.resolve(committed, chosen, levels.split(",") if levels else None, name)
-    except R.ReproduceError as e:
+    try:  # a study without a record, a subset it did not run, data this machine refuses: one line
+        table, stopped = run(study, chosen, levels.split(",") if levels else None, runs_dir_, log=typer.echo)
+    except (ConfigError, DataError, ValueError) as e:
         fail(str(e))
-    metric = committed.definition.get("metric", "val/bpb")
-    typer.echo(f"reproducing {len(sweep.cells)} cell(s) of {study} in {scratch}")
-    from bov.data import DataError
-
-    try:
-        result = run_sweep(sweep, workers=1, storage=f"sqlite:///{scratch / 'optuna.db'}")
-    except (ConfigError, DataError, ValueError) as e:  # e.g. the study's data is not on this machine
-        fail(str(e))
-    if result.interrupted:
-        raise typer.Exit(143 if result.interrupted == "SIGTERM" else 130)
-    new = A.load_runs(name, os.environ["MLFLOW_TRACKING_URI"])
-    shown = metric
-    if (why := R.other_data(committed, new)) and (ref := R.reference_of(committed)) in set(new["level"]):
-        typer.echo(f"\nthese runs read other text than the committed ones ({why}): their {metric} is not expected to "
-                   f"match, so each level's paired difference from {ref} is compared instead")
-        committed = R.Committed(committed.name, committed.folder, committed.definition,
-                                R.as_deltas(committed.runs, metric, ref))
-        new, shown = R.as_deltas(new, metric, ref), f"{metric} - {ref}"
-    elif why:
-        typer.echo(f"\nthese runs read other text than the committed ones ({why}); re-run with --levels including "
-                   f"{R.reference_of(committed)} to compare differences rather than {metric}")
-    table = R.compare(committed, new[["level", "seed", metric]], metric)
-    typer.echo(f"\n{study}: committed (results/{study}/runs.csv) against this machine's runs\n")
-    typer.echo(R.format_comparison(table, shown))
+    if stopped:  # the scratch study resumes; the shell's convention: 128 + the signal's number
+        raise typer.Exit(143 if stopped == "SIGTERM" else 130)
     outside = table[table["inside"] == False]  # noqa: E712 (None: unchecked)
     if len(outside):
         typer.echo(f"\n{len(outside)} level(s) outside what the committed seeds allow: "

@@ -1,5 +1,6 @@
-"""The analysis notebooks under `analysis/`, run headlessly for `make figures`: which notebook a study gets,
-executed into `<results>/<study>/<name>.ipynb` (nbclient) or, without a kernel, run as a script."""
+"""The analysis notebooks under `analysis/`, run headlessly for `make figures` (`run_figures`): which notebook a
+study gets, executed into `<results>/<study>/<name>.ipynb` (nbclient) or, without a kernel, run as a script; then
+each study's files published to its MLflow parent run."""
 
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ def run_notebook(notebook: Path, out_dir: Path, env: dict[str, str], execute: bo
     import nbformat
 
     nb = jupytext.read(notebook)
+    for i, cell in enumerate(nb.cells):  # fixed ids and no timings: the same results give the same file
+        cell["id"] = f"cell-{i}"
     saved = dict(os.environ)
     os.environ.update(env)  # the kernel inherits the parameters
     try:
-        nbclient.NotebookClient(nb, kernel_name="python3", timeout=3600,
+        nbclient.NotebookClient(nb, kernel_name="python3", timeout=3600, record_timing=False,
                                 resources={"metadata": {"path": str(Path.cwd())}}).execute()
     except nbclient.exceptions.CellExecutionError as e:
         raise RuntimeError(f"{notebook.name} failed: {str(e).strip().splitlines()[-1]}") from None
@@ -55,3 +58,45 @@ def can_execute_notebooks() -> bool:
     except ImportError:
         return False
     return True
+
+
+def run_figures(studies: list[str] | None, script: bool = False, log=print) -> list[Path]:
+    """`make figures`: every study's notebook (or those named), then each study's tables and figures attached to
+    its MLflow parent run, with the record `bov reproduce` reads. The folders written, in order. A store or study
+    that is not there is a ValueError (one line); a notebook that fails is a RuntimeError."""
+    from bov import analysis as A
+    from bov.paths import runs_dir, tracking_uri
+    from bov.tracking import check_tracking_uri, relocate_artifacts
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
+        raise ValueError(f"no MLflow store at {uri}; run `make sweep` first (or set MLFLOW_TRACKING_URI)")
+    check_tracking_uri(uri)
+    relocate_artifacts(uri)  # a runs dir copied from elsewhere: its study definitions are read from here
+    names = studies or A.sweep_experiments(uri)
+    if not names:
+        raise ValueError(f"no sweep in the MLflow store {uri}; run `make sweep` first (or pass --study)")
+    results = A.results_dir().resolve()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, BOV_RESULTS_DIR=str(results), BOV_RUNS_DIR=str(runs_dir()),
+               MPLBACKEND="Agg")
+    jobs = []
+    for name in names:
+        loaded = A.load_study(name, uri)
+        if loaded.runs.empty:
+            if studies:
+                raise ValueError(f"study {name!r} has no finished runs yet; run its sweep first")
+            log(f"{name}: no finished runs yet, skipped")
+            continue
+        jobs.append((name, notebook_for(loaded.definition, crossed=bool(loaded.axes)), results / name))
+    jobs.append(("vcache_memory", NOTEBOOKS / "vcache_memory.py", results / "vcache_memory"))
+    execute = not script and can_execute_notebooks()
+    for name, notebook, out in jobs:
+        log(f"{name}: analysis/{notebook.name} -> {out}")
+        try:
+            run_notebook(notebook, out, {**env, "BOV_STUDY": name}, execute)
+        except RuntimeError as e:
+            raise RuntimeError(f"{name}: {e}") from None
+    for name, _, out in jobs:
+        if name != "vcache_memory":
+            A.publish(name, uri, out)  # the record `bov reproduce` reads; the MLflow parent shows what results/ shows
+    return [out for _, _, out in jobs]

@@ -187,3 +187,23 @@ def probe_checkpoints(checkpoints: list, source: str, name: str, max_tokens: int
             tracking.log_probe(uri, run_id, result)
         out.append(result)
     return out
+
+
+def probe_report(checkpoints: list, source: str, name: str, out, max_tokens: int = 65536, max_windows: int = 64,
+                 device: str = "cpu", uri: str | None = None, log=print) -> list:
+    """`bov probe`: probe every checkpoint, write `<out>/probes.json` and one figure per probe (a line per
+    variant; two checkpoints of one variant and seed are told apart by their run directory). The files drawn."""
+    import json
+    from pathlib import Path
+
+    from bov.figures import probe_figures
+
+    results = probe_checkpoints(checkpoints, source, name, max_tokens, max_windows, device=device, uri=uri, log=log)
+    labels = [r["variant"] for r in results]
+    for r in results:
+        if sum(1 for x in results if (x["variant"], x["seed"]) == (r["variant"], r["seed"])) > 1 and labels.count(r["variant"]) > 1:
+            r["level"] = f"{r['variant']} ({Path(r['checkpoint']).parent.name})"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probes.json").write_text(json.dumps(results, indent=1))
+    return probe_figures(results, out, title=f"probed on {name}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RECORD, RUNS = "study.json", "runs.csv"
+from bov.analysis import RECORD, RUNS, load_runs, results_dir
 
 
 class ReproduceError(ValueError):
@@ -44,15 +44,6 @@ class Committed:
     folder: Path
     definition: dict
     runs: pd.DataFrame  # level, seed, metric, config_hash
-
-
-def write_record(definition: dict, runs: pd.DataFrame, metric: str, git_commit: str | None, out_dir: Path) -> list[Path]:
-    """What `reproduce` needs of a study, beside its tables (called by `make figures`)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RECORD).write_text(json.dumps({**definition, "git_commit": git_commit}, indent=1, default=str) + "\n")
-    cols = [c for c in ("level", "seed", metric, "config_hash", "data_fingerprint") if c in runs]
-    runs[cols].sort_values(["level", "seed"]).to_csv(out_dir / RUNS, index=False)
-    return [out_dir / RECORD, out_dir / RUNS]
 
 
 def load_committed(study: str, results: Path) -> Committed:
@@ -158,3 +149,41 @@ def format_comparison(table: pd.DataFrame, metric: str) -> str:
         "same-seed diff": [("-" if math.isnan(d) else f"{d:.2e}") for d in table["same-seed diff"]],
         "verdict": [verdict(r) for r in table.to_dict("records")]})
     return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def reproduce(study: str, seeds: list[int] | None, levels: list[str] | None, scratch: Path | None,
+              log=print) -> tuple[pd.DataFrame | None, str | None]:
+    """`bov reproduce`: re-run the chosen cells of a committed study in a scratch runs dir (`<runs>/reproduce/
+    <study>`; a re-run continues it; the token caches are shared), print the comparison and return it, or None
+    and the signal that interrupted the sweep. Points this process's runs dir, cache dir and MLflow store at the
+    scratch ones."""
+    import os
+
+    from bov.paths import cache_dir, runs_dir
+    from bov.sweep import run_sweep
+
+    committed = load_committed(study, results_dir())
+    scratch = (scratch or runs_dir() / "reproduce" / study).resolve()
+    name = f"{study}-reproduce"
+    os.environ["BOV_CACHE_DIR"] = str(cache_dir("tokens").parent)  # caches shared: the scratch dir only runs
+    os.environ["BOV_RUNS_DIR"] = str(scratch)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"  # never the user's own server
+    sweep = resolve(committed, seeds, levels, name)
+    metric = committed.definition.get("metric", "val/bpb")
+    log(f"reproducing {len(sweep.cells)} cell(s) of {study} in {scratch}")
+    if stopped := run_sweep(sweep, workers=1, storage=f"sqlite:///{scratch / 'optuna.db'}").interrupted:
+        return None, stopped
+    new, shown = load_runs(name, os.environ["MLFLOW_TRACKING_URI"]), metric
+    if (why := other_data(committed, new)) and (ref := reference_of(committed)) in set(new["level"]):
+        log(f"\nthese runs read other text than the committed ones ({why}): their {metric} is not expected to "
+            f"match, so each level's paired difference from {ref} is compared instead")
+        committed = Committed(committed.name, committed.folder, committed.definition,
+                              as_deltas(committed.runs, metric, ref))
+        new, shown = as_deltas(new, metric, ref), f"{metric} - {ref}"
+    elif why:
+        log(f"\nthese runs read other text than the committed ones ({why}); re-run with --levels including "
+            f"{reference_of(committed)} to compare differences rather than {metric}")
+    table = compare(committed, new[["level", "seed", metric]], metric)
+    log(f"\n{study}: committed (results/{study}/runs.csv) against this machine's runs\n")
+    log(format_comparison(table, shown))
+    return table, None

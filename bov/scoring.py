@@ -67,6 +67,19 @@ def parse_data_arg(arg: str) -> tuple[str, str]:
     return text_name(arg), arg
 
 
+def parse_texts(args: list[str]) -> list[tuple[str, str]]:
+    """`--data` options -> (name, source) pairs, each source checked (one DataError line) before any compute."""
+    from bov.sources import check_source
+
+    texts = [parse_data_arg(a) for a in args]
+    names = [n for n, _ in texts]
+    if len(set(names)) < len(names):
+        raise DataError(f"--data: two texts are named {max(names, key=names.count)!r}; name them (NAME=SOURCE)")
+    for _, source in texts:
+        check_source(DataConfig(source=source))
+    return texts
+
+
 def load_text(source: str, name: str, tokenizer, bos_id: int, token_bytes: np.ndarray,
               max_tokens: int | None = None, text_field: str = "text", max_docs: int | None = None) -> Text:
     """Read and tokenize a text source as training packs it (BOS before each document)."""

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from bov import analysis as A
 from bov import reproduce as R
 
 METRIC = "val/bpb"
@@ -68,7 +69,7 @@ def test_a_study_without_a_record_or_a_bad_subset_is_one_line(tmp_path):
     with pytest.raises(R.ReproduceError, match="no committed study to reproduce"):
         R.load_committed("nothing-here", tmp_path)
     folder = tmp_path / "x"
-    R.write_record({"sweep_file": "bank_layers.yaml", "preset": "micro", "metric": METRIC},
+    A.write_record({"sweep_file": "bank_layers.yaml", "preset": "micro", "metric": METRIC},
                    pd.DataFrame([{"level": "none", "seed": 0, METRIC: 3.5, "config_hash": "abc"}]), METRIC, "deadbee", folder)
     c = R.load_committed("x", tmp_path)
     assert c.definition["git_commit"] == "deadbee" and list(c.runs["level"]) == ["none"]
@@ -78,7 +79,7 @@ def test_a_study_without_a_record_or_a_bad_subset_is_one_line(tmp_path):
         R.resolve(c, [4], None, "x-reproduce")
     with pytest.raises(R.ReproduceError, match=r"now resolves to config \w+, not the abc it ran with .*\(deadbee\)"):
         R.resolve(c, None, None, "x-reproduce")  # the recorded hash is not today's config
-    json.dump({"sweep_file": "gone.yaml", "git_commit": "deadbee"}, (folder / R.RECORD).open("w"))
+    json.dump({"sweep_file": "gone.yaml", "git_commit": "deadbee"}, (folder / A.RECORD).open("w"))
     with pytest.raises(R.ReproduceError, match="sweeps/gone.yaml is gone; check out the commit it ran at \\(deadbee\\)"):
         R.resolve(R.load_committed("x", tmp_path), None, None, "x-reproduce")
 
@@ -95,7 +96,7 @@ def test_a_committed_micro_study_reproduces_and_a_moved_number_fails(tmp_path):
                               timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
     record = results / "mini-micro"
-    assert {R.RECORD, R.RUNS} <= {p.name for p in record.iterdir()}
+    assert {A.RECORD, A.RUNS} <= {p.name for p in record.iterdir()}
     cmd = [sys.executable, "-m", "bov.cli", "reproduce", "mini-micro", "--seeds", "0"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -103,8 +104,8 @@ def test_a_committed_micro_study_reproduces_and_a_moved_number_fails(tmp_path):
     assert len(lines) == 2 and all("| inside " in ln for ln in lines)
     assert "0.00e+00" in lines[0]  # the same seed on the same machine: the same number
     assert not (runs / "reproduce" / "mini-micro" / "cache").exists()  # the token caches were shared, not rebuilt
-    moved = pd.read_csv(record / R.RUNS)
+    moved = pd.read_csv(record / A.RUNS)
     moved.loc[moved["level"] == "none", METRIC] += 1.0
-    moved.to_csv(record / R.RUNS, index=False)
+    moved.to_csv(record / A.RUNS, index=False)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)  # the same scratch: no training
     assert done.returncode == 1 and "1 level(s) outside what the committed seeds allow: none" in done.stderr

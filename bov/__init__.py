@@ -16,6 +16,7 @@ LAYERS = (
     ("model", "optim"),
     ("budget", "data"),
     ("infer", "scoring"),  # the cache, checkpoints; exact bits per byte of a model on a text
+    ("mlflow_store",),  # the MLflow store, checked before it is opened
     ("tracking", "console"),  # the MLflow run schema; what training prints
     ("storage", "litmodule", "train"),  # Optuna storages; a training step; one training run
     ("study", "preflight"),  # sweeps/<study>.yaml -> cells; what a run or study is refused for, before compute

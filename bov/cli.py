@@ -311,7 +311,7 @@ def _store() -> str:
     """The MLflow store this command reads or writes, checked first: a damaged, foreign or other-version store
     is one line (StoreError, bov.cli.main)."""
     from bov.paths import tracking_uri
-    from bov.tracking import check_tracking_uri
+    from bov.mlflow_store import check_tracking_uri
 
     uri = tracking_uri()
     check_tracking_uri(uri)

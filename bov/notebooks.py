@@ -66,7 +66,7 @@ def run_figures(studies: list[str] | None, script: bool = False, log=print) -> l
     that is not there is a ValueError (one line); a notebook that fails is a RuntimeError."""
     from bov import analysis as A
     from bov.paths import runs_dir, tracking_uri
-    from bov.tracking import check_tracking_uri, relocate_artifacts
+    from bov.mlflow_store import check_tracking_uri, relocate_artifacts
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store

@@ -14,7 +14,7 @@ import torch
 from bov.config import ConfigError, ExperimentConfig
 from bov.paths import tracking_uri
 from bov.sources import check_source, check_vocab
-from bov.tracking import check_tracking_uri
+from bov.mlflow_store import check_tracking_uri
 from bov.train import precision
 
 

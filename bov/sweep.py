@@ -30,6 +30,7 @@ from typing import Any
 from bov import preflight, tracking
 from bov.config import ConfigError, DataError
 from bov.data import DataDrift, Recorded
+from bov.mlflow_store import ensure_experiment
 from bov.paths import RunBusy, RunLock, runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
 from bov.study import Sweep, cell_budgets
@@ -399,7 +400,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
                for k, p in prepared.items()}
         study.set_user_attr(DATA_ATTR, {**now, **(study.user_attrs.get(DATA_ATTR) or {})})
         if parent is None:
-            parent = tracking.create_sweep_run(sweep, uri, tracking.ensure_experiment(sweep.name, uri), url)
+            parent = tracking.create_sweep_run(sweep, uri, ensure_experiment(sweep.name, uri), url)
             study.set_user_attr(tracking.STUDY_PARENT_RUN, parent)
             study.set_user_attr(tracking.STUDY_TRACKING_URI, uri)
             for k, v in (("axis", sweep.spec.axis), ("levels", sweep.levels), ("seeds", sweep.seeds),

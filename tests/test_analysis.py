@@ -50,7 +50,7 @@ def _run(client, exp_id, parent, level, seed, bpb, status="FINISHED", study="dem
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """An MLflow store holding sweep `demo-micro` (parent + trials, one FAILED) and `variants-micro`."""
-    from bov.tracking import ensure_experiment
+    from bov.mlflow_store import ensure_experiment
 
     monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -232,13 +232,14 @@ def test_study_definition_is_stored_as_data_and_read_back(tmp_path, monkeypatch)
     """A parent run written by bov.tracking carries study.json; load_study reads levels, seeds and the baseline
     from it as data (the store of the fixture above has the older schema, comma-joined params: both load)."""
     from bov import tracking
+    from bov.mlflow_store import ensure_experiment
     from bov.study import load_sweep
 
     monkeypatch.setenv("BOV_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     sweep = load_sweep("value_source", scale="micro", seeds=[0, 3], study="vs-micro")
-    parent = tracking.create_sweep_run(sweep, uri, tracking.ensure_experiment(sweep.name, uri), "sqlite:///x.db")
+    parent = tracking.create_sweep_run(sweep, uri, ensure_experiment(sweep.name, uri), "sqlite:///x.db")
     client = mlflow.MlflowClient(uri)
     for level in sweep.levels[:2]:
         _run(client, client.get_experiment_by_name("vs-micro").experiment_id, parent, level, 0, 1.0, study="vs-micro")

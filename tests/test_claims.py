@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param
 from bov import analysis as A
 from bov import stats as S
 from bov import tracking
+from bov.mlflow_store import ensure_experiment
 from bov.config import ConfigError
 from bov.study import load_sweep
 from bov.trials import format_summary, summarize
@@ -140,7 +141,7 @@ def test_references_and_claims_change_no_cell_and_reach_the_parent_run(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     plain = load_sweep(str(_spec(tmp_path)))
     hashes = [c.cfg.config_hash() for c in plain.cells]
-    parent = tracking.create_sweep_run(plain, uri, tracking.ensure_experiment(plain.name, uri), "sqlite:///x")
+    parent = tracking.create_sweep_run(plain, uri, ensure_experiment(plain.name, uri), "sqlite:///x")
     assert A.load_study(plain.name, uri).references == ["baseline"] and A.load_study(plain.name, uri).paper is None
     claimed = load_sweep(str(_spec(tmp_path, references=["resformer"], paper=PAPER | {"values": {"bank": 0.8, "baseline": 0.81}, "claims": []})))
     assert [c.cfg.config_hash() for c in claimed.cells] == hashes  # a study in flight trains the same cells
@@ -171,7 +172,7 @@ def _store(tmp_path, monkeypatch, references, paper):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    exp = tracking.ensure_experiment("refs-micro", uri)
+    exp = ensure_experiment("refs-micro", uri)
     parent = client.create_run(exp, tags={"bov.role": "sweep", "bov.study": "refs-micro"}).info.run_id
     levels = ["baseline", *(["resformer"] if "resformer" in references else []), "bank", "bank_shared"]
     client.log_dict(parent, {"axis": "row", "levels": levels, "metric": "val/bpb", "preset": "micro",

@@ -597,11 +597,12 @@ def test_a_grid_study_rerun_with_more_seeds_takes_its_new_cells(tmp_path):
 def test_a_study_rerun_with_more_levels_and_seeds_records_them_for_the_analysis(tmp_path):
     from bov import tracking
     from bov.analysis import load_study
+    from bov.mlflow_store import ensure_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write_sweep(tmp_path, levels=["none", "last_third"], seeds=[0])
     sweep = load_sweep(path)
-    parent = tracking.create_sweep_run(sweep, uri, tracking.ensure_experiment(sweep.name, uri), "sqlite:///x")
+    parent = tracking.create_sweep_run(sweep, uri, ensure_experiment(sweep.name, uri), "sqlite:///x")
     write_sweep(tmp_path, levels=["none", "last_third", "all"], seeds=[0])
     tracking.extend_sweep_run(load_sweep(path, seeds=[0, 1]), uri, parent)
     tracking.extend_sweep_run(load_sweep(path, seeds=[1]), uri, parent)  # a narrower re-run forgets nothing
@@ -688,6 +689,7 @@ def test_a_study_whose_finished_cells_ran_another_config_is_refused_before_compu
     from optuna.trial import TrialState, create_trial
 
     from bov import tracking
+    from bov.mlflow_store import ensure_experiment
     from bov.trials import CONFIG_HASH_ATTR, changed_cells
 
     runs = tmp_path / "runs"
@@ -697,7 +699,7 @@ def test_a_study_whose_finished_cells_ran_another_config_is_refused_before_compu
     study = optuna.create_study(study_name=ran.name, storage=f"sqlite:///{runs / 'optuna.db'}")
     uri = f"sqlite:///{runs / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    old_run = client.create_run(tracking.ensure_experiment(ran.name, uri),
+    old_run = client.create_run(ensure_experiment(ran.name, uri),
                                 tags={tracking.TAG_CONFIG_HASH: ran.cell("last_third", 0).cfg.config_hash()})
     study.add_trial(create_trial(state=TrialState.COMPLETE, value=2.0, system_attrs={"fixed_params": {"level": "none", "seed": 0}},
                                  user_attrs={CONFIG_HASH_ATTR: ran.cell("none", 0).cfg.config_hash()}))

@@ -24,7 +24,6 @@ from bov import stats as S
 study, OUT, TRACKING_URI = A.study_from_environment("bank_layers_wikipedia-tiny")
 out = A.report(study, OUT, TRACKING_URI)
 runs, metric = study.runs, study.metric
-seeds = sorted(int(s) for s in runs["seed"].dropna().unique())
 out["shown"]
 
 # %% [markdown]
@@ -35,11 +34,9 @@ out["shown"]
 # %%
 banked = runs[runs["level"] != study.baseline]
 vs_last = S.compare(banked, baseline="last_third", metric=metric, order=study.levels)
-vs_last_shown = S.format_table(vs_last, metric=metric, baseline="last_third")
-(OUT / "vs_last_third.md").write_text(
-    f"{study.name}: each bank placement against the last third, paired over seeds {seeds} (95% t interval)\n\n"
-    + vs_last_shown.to_markdown(index=False, disable_numparse=True) + "\n")
-vs_last_shown
+A.write_markdown(S.format_table(vs_last, metric=metric, baseline="last_third"), OUT, "vs_last_third",
+                 f"{study.name}: each bank placement against the last third, paired over seeds {study.seeds} "
+                 "(95% t interval)")
 
 # %% [markdown]
 # ## What the trained model kept of each bank

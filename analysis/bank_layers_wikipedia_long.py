@@ -30,7 +30,6 @@ from bov import stats as S
 study, OUT, TRACKING_URI = A.study_from_environment("bank_layers_wikipedia_long-tiny")
 out = A.report(study, OUT, TRACKING_URI)
 runs, metric = study.runs, study.metric
-seeds = sorted(int(s) for s in runs["seed"].dropna().unique())
 out["shown"]
 
 # %% [markdown]
@@ -76,16 +75,13 @@ if short_gap is not None:  # a seed starts from the same weights and reads the s
     rows.append({"where": "change of the gap from the short study to this one, paired by seed",
                  "tokens": np.nan, **shift})
 gap = pd.DataFrame(rows)
-gap.to_csv(OUT / "gap_vs_tokens.csv", index=False)
 shown_gap = gap.assign(
     **{"tokens (every layer)": gap["tokens"].map(lambda t: "" if np.isnan(t) else f"{t / 1e6:.2f}M")},
-    **{"Δ all - last_third (95% CI)": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if not np.isnan(lo) else f"{d:+.4f}"
-                                      for d, lo, hi in zip(gap["Δ all - last_third"], gap["ci_low"], gap["ci_high"])]},
+    **{"Δ all - last_third (95% CI)": [S.delta_cell(d, lo, hi, "paired t") for d, lo, hi in
+                                      zip(gap["Δ all - last_third"], gap["ci_low"], gap["ci_high"])]},
 )[["where", "tokens (every layer)", "seeds", "Δ all - last_third (95% CI)"]]
-(OUT / "gap_vs_tokens.md").write_text(
-    f"{study.name}: {metric} of a bank in every layer minus the last third, paired over seeds (95% t interval)\n\n"
-    + shown_gap.to_markdown(index=False, disable_numparse=True) + "\n")
-shown_gap
+A.write_markdown(shown_gap, OUT, "gap_vs_tokens", f"{study.name}: {metric} of a bank in every layer minus the last "
+                 "third, paired over seeds (95% t interval)", numbers=gap)
 
 # %% [markdown]
 # ## What the trained model kept of each bank

@@ -18,7 +18,6 @@
 
 # %%
 from bov import analysis as A
-from bov import stats as S
 
 study, OUT, TRACKING_URI = A.study_from_environment("data_repetition-tiny")
 out = A.report(study, OUT, TRACKING_URI)
@@ -39,16 +38,11 @@ study.runs.pivot_table(index="variant", columns="data.max_unique_tokens", values
 # same unique tokens (a paired t interval over seeds where they match; none for one seed).
 
 # %%
-within = S.compare_within(study.runs, group="data.max_unique_tokens", by="variant", metric=study.metric)
-within["Δ vs baseline, same data"] = S.format_table(within, by="variant", metric=study.metric,
-                                                     baseline="baseline")["Δ vs baseline (95% CI)"].values
-same_epochs = within.pivot_table(index="variant", columns="data.max_unique_tokens", values="Δ vs baseline, same data",
-                                 aggfunc="first")
-same_epochs = same_epochs[sorted(same_epochs.columns, key=lambda c: -float(str(c).rstrip("x")))]
-same_epochs.columns = [f"{c} ({within.loc[within['data.max_unique_tokens'] == c, 'epochs'].mean():.2f} epochs)"
-                       for c in same_epochs.columns]
-within.to_csv(OUT / "delta_same_data.csv", index=False)
-(OUT / "delta_same_data.md").write_text(
-    f"{study.name}: Δ {study.metric} vs the baseline trained on the same unique tokens\n\n"
-    + same_epochs.to_markdown(disable_numparse=True) + "\n")
+within, same_epochs = A.deltas_within(study.runs, group="data.max_unique_tokens", by="variant", baseline="baseline",
+                                      metric=study.metric, label=str)
+same_epochs = same_epochs[sorted(same_epochs.columns, key=lambda c: -float(c.rstrip("x")))]
+same_epochs.columns = [f"{c} ({within.loc[within['data.max_unique_tokens'].astype(str) == c, 'epochs'].mean():.2f} "
+                       "epochs)" for c in same_epochs.columns]
+A.write_markdown(same_epochs, OUT, "delta_same_data", f"{study.name}: Δ {study.metric} vs the baseline trained on "
+                 "the same unique tokens", index=True, numbers=within)
 same_epochs

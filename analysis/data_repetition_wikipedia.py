@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from bov import analysis as A
-from bov import stats as S
 from bov import tracking as T
 
 study, OUT, TRACKING_URI = A.study_from_environment("data_repetition_wikipedia-tiny")
@@ -52,8 +51,7 @@ shown_regime = regime.copy().astype(object)
 for col, fmt in (("tokens trained", "{:,.0f}"), ("unique tokens", "{:,.0f}"), ("tokens trained / vocab", "{:,.0f}"),
                  ("table params / unique token", "{:.2f}")):
     shown_regime[col] = regime[col].map(fmt.format)
-(OUT / "regime.md").write_text(f"{study.name}: the data regime reached\n\n"
-                               + shown_regime.to_markdown(disable_numparse=True) + "\n")
+A.write_markdown(shown_regime, OUT, "regime", f"{study.name}: the data regime reached", index=True)
 regime
 
 # %% [markdown]
@@ -62,17 +60,10 @@ regime
 # Δ val BPB paired by seed (the same unique tokens, the same validation text); a 95% t interval.
 
 # %%
-within = S.compare_within(runs, group="epochs", by="arm", baseline="baseline", metric=metric)
-within["Δ vs baseline, same epochs"] = S.format_table(within, by="arm", metric=metric,
-                                                      baseline="baseline")["Δ vs baseline (95% CI)"].values
-same = within.pivot_table(index="arm", columns="epochs", values="Δ vs baseline, same epochs", aggfunc="first").fillna("-")
-same.columns = [f"{c:g} epochs" for c in same.columns]
-within.to_csv(OUT / "delta_same_epochs.csv", index=False)
-seeds = sorted(int(s) for s in runs["seed"].dropna().unique())
-(OUT / "delta_same_epochs.md").write_text(
-    f"{study.name}: Δ {metric} vs the baseline at the same epochs, paired over seeds {seeds} (95% t interval)\n\n"
-    + same.to_markdown(disable_numparse=True) + "\n")
-same
+within, same = A.deltas_within(runs, group="epochs", by="arm", baseline="baseline", metric=metric,
+                               label=lambda e: f"{e:g} epochs")
+A.write_markdown(same, OUT, "delta_same_epochs", f"{study.name}: Δ {metric} vs the baseline at the same epochs, "
+                 f"paired over seeds {study.seeds} (95% t interval)", index=True, numbers=within)
 
 # %% [markdown]
 # ## Train loss and validation against epochs
@@ -87,16 +78,9 @@ TRAIN = "train loss (last 20% of steps)"
 late = history[history["step"] >= 0.8 * history.groupby("run_id")["step"].transform("max")]
 runs[TRAIN] = runs["run_id"].map(late.groupby("run_id")["value"].mean())
 runs["val loss - train loss"] = runs[T.VAL_LOSS] - runs[TRAIN]
-cols = [metric, T.VAL_LOSS, TRAIN, "val loss - train loss"]
-by_epochs = runs[["arm", "epochs", *cols]].groupby(["arm", "epochs"]).agg(["mean", "std"])
-by_epochs.columns = [f"{c} {s}" for c, s in by_epochs.columns]
-shown = pd.DataFrame({c: [f"{m:.4f} ± {s:.4f}" if not np.isnan(s) else f"{m:.4f}"
-                          for m, s in zip(by_epochs[f"{c} mean"], by_epochs[f"{c} std"])] for c in cols},
-                     index=by_epochs.index)
-by_epochs.to_csv(OUT / "by_epochs.csv")
-shown = shown.reset_index().assign(epochs=lambda d: d["epochs"].map(lambda e: f"{e:g}"))
-(OUT / "by_epochs.md").write_text(f"{study.name}: mean ± std over seeds {seeds}\n\n"
-                                  + shown.to_markdown(index=False, disable_numparse=True) + "\n")
+by_epochs, shown = A.mean_std(runs, ["arm", "epochs"], [metric, T.VAL_LOSS, TRAIN, "val loss - train loss"])
+shown["epochs"] = shown["epochs"].map(lambda e: f"{e:g}")
+A.write_markdown(shown, OUT, "by_epochs", f"{study.name}: mean ± std over seeds {study.seeds}", numbers=by_epochs)
 order = ["baseline", "bov", "bov_bank_wd", "bov_lr_bank_quarter"]
 xlabel = "epochs over a fixed set of unique training tokens"
 files = A.save(A.plot_epochs(runs, metric=metric, hue="arm", order=order, title=study.name, xlabel=xlabel),
@@ -137,14 +121,7 @@ crossings
 # Each against plain BoV trained on the same epochs, paired by seed.
 
 # %%
-bov_arms = runs[runs["arm"].str.startswith("bov")]
-vs_bov = S.compare_within(bov_arms, group="epochs", by="arm", baseline="bov", metric=metric)
-vs_bov["Δ vs BoV, same epochs"] = S.format_table(vs_bov, by="arm", metric=metric,
-                                                 baseline="bov")["Δ vs bov (95% CI)"].values
-vs_bov = vs_bov[vs_bov["arm"] != "bov"]
-reg = vs_bov.pivot_table(index="arm", columns="epochs", values="Δ vs BoV, same epochs", aggfunc="first").fillna("-")
-reg.columns = [f"{c:g} epochs" for c in reg.columns]
-(OUT / "bank_regularization.md").write_text(
-    f"{study.name}: each BoV arm against plain BoV at the same epochs, paired over seeds {seeds} (95% t interval)\n\n"
-    + reg.to_markdown(disable_numparse=True) + "\n")
-reg
+_, reg = A.deltas_within(runs[runs["arm"].str.startswith("bov")], group="epochs", by="arm", baseline="bov",
+                         metric=metric, label=lambda e: f"{e:g} epochs")
+A.write_markdown(reg, OUT, "bank_regularization", f"{study.name}: each BoV arm against plain BoV at the same epochs, "
+                 f"paired over seeds {study.seeds} (95% t interval)", index=True)

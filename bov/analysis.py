@@ -35,7 +35,8 @@ from bov import tracking as T
 from bov.figures import (cacheless_layers, plot_axis, plot_coefficients, plot_curves, plot_deltas, plot_epochs,  # noqa: F401
                          plot_vcache, probe_figures, save, style, vcache_saving, vcache_saving_bytes)
 from bov.paths import tracking_uri as default_tracking_uri
-from bov.stats import compare, format_table, format_verdicts, rank_agreement, verdicts
+from bov.stats import (compare, compare_within, delta_cell, format_table, format_verdicts, mean_pm_std, rank_agreement,
+                       verdicts)
 
 PARAM_GROUPS = ("matrix", "embedding", "unembedding", "bank", "scalar")
 # MLflow tag -> column. Plain training runs have variant/preset/seed; sweep trials add the bov.* ones.
@@ -71,6 +72,10 @@ class Study:
     metric: str = T.VAL_BPB
     preset: str | None = None
     definition: str | None = None  # the sweep file base name, e.g. bank_layers
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(int(s) for s in self.runs["seed"].dropna().unique()) if "seed" in self.runs else []
 
 
 def _number(v: Any) -> Any:
@@ -261,6 +266,41 @@ def write_table(table: pd.DataFrame, out_dir: Path, stem: str, by: str = "level"
     tex.write_text(shown.to_latex(index=False, escape=True, caption=caption or None, label=f"tab:{stem}")
                    .replace("±", r"$\pm$").replace("Δ", r"$\Delta$"))
     return [csv, md, tex]
+
+
+def write_markdown(shown: pd.DataFrame, out_dir: Path, stem: str, title: str, index: bool = False,
+                   numbers: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`<stem>.md`: a title line, then the table as shown (and `<stem>.csv` of `numbers`, when given). Returns
+    `shown`, for a notebook cell to display."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(f"{title}\n\n{shown.to_markdown(index=index, disable_numparse=True)}\n")
+    if numbers is not None:
+        numbers.to_csv(out_dir / f"{stem}.csv", index=False)
+    return shown
+
+
+def deltas_within(runs: pd.DataFrame, group: str, by: str, baseline: str, metric: str,
+                  label=lambda g: f"{g:g}") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each `by` level against `baseline` inside each value of `group` (e.g. epochs), paired by seed: the
+    numbers (bov.stats.compare_within), and a table of `delta [lo, hi]` cells, a row per level and a column
+    per group value (named by `label`). The baseline's own row is left out."""
+    within = compare_within(runs, group=group, by=by, baseline=baseline, metric=metric)
+    within = within[within[by] != baseline]
+    cells = within.assign(cell=[delta_cell(*v) for v in zip(within["delta"], within["ci_low"], within["ci_high"],
+                                                                within["ci_method"])])
+    shown = cells.pivot_table(index=by, columns=group, values="cell", aggfunc="first").fillna("-")
+    shown.columns = [label(c) for c in shown.columns]
+    return within, shown
+
+
+def mean_std(runs: pd.DataFrame, keys: list[str], columns: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean and std over seeds of `columns` per `keys`: the numbers (`<col> mean`, `<col> std`) and the table
+    as shown (`mean ± std`, the mean alone for one seed)."""
+    g = runs[[*keys, *columns]].groupby(keys).agg(["mean", "std"])
+    g.columns = [f"{c} {s}" for c, s in g.columns]
+    shown = pd.DataFrame({c: [mean_pm_std(m, sd) for m, sd in zip(g[f"{c} mean"], g[f"{c} std"])] for c in columns},
+                         index=g.index)
+    return g.reset_index(), shown.reset_index()
 
 
 # ----------------------------------------------------------------------------- one study, end to end

@@ -106,7 +106,7 @@ def _si(v: float) -> str:
     return f"{v:.0f}"
 
 
-def _delta_cell(delta: float, lo: float, hi: float, method: str) -> str:
+def delta_cell(delta: float, lo: float, hi: float, method: str) -> str:
     if pd.isna(delta):
         return "-"
     if method in ("baseline", "reference"):
@@ -116,21 +116,23 @@ def _delta_cell(delta: float, lo: float, hi: float, method: str) -> str:
     return f"{delta:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
+def mean_pm_std(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return "-"  # a level with no finished run yet
+    return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+
 def format_table(table: pd.DataFrame, by: str = "level", metric: str = "val/bpb", baseline: str | None = None) -> pd.DataFrame:
     """Numbers -> the strings a paper shows: `mean ± std`, `delta [lo, hi]` against each reference, sizes in k/M/B."""
-
-    def pm(mean: float, std: float) -> str:
-        if pd.isna(mean):
-            return "-"  # a level with no finished run yet
-        return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+    pm = mean_pm_std
 
     out = pd.DataFrame({by: table[by], "seeds": table["runs"]})
     out[metric] = [pm(m, s) for m, s in zip(table[f"{metric} mean"], table[f"{metric} std"])]
     if "delta" in table:
-        out[f"Δ vs {baseline} (95% CI)"] = [_delta_cell(*v) for v in
+        out[f"Δ vs {baseline} (95% CI)"] = [delta_cell(*v) for v in
                                             zip(table["delta"], table["ci_low"], table["ci_high"], table["ci_method"])]
     for ref in [c.removeprefix("delta vs ") for c in table if c.startswith("delta vs ")]:
-        out[f"Δ vs {ref} (95% CI)"] = [_delta_cell(*v) for v in zip(*(table[f"{k} vs {ref}"] for k in
+        out[f"Δ vs {ref} (95% CI)"] = [delta_cell(*v) for v in zip(*(table[f"{k} vs {ref}"] for k in
                                                                      ("delta", "ci_low", "ci_high", "ci_method")))]
     if "val/loss mean" in table:
         out["val/loss"] = [pm(m, s) for m, s in zip(table["val/loss mean"], table["val/loss std"])]

@@ -195,6 +195,29 @@ def test_vcache_formula_and_bank_layer_count():
     assert list(saved) == [0.0, 4 * 768 * 2 * 32768]  # break-even at T = |V|
 
 
+def test_the_notebooks_shared_pieces_give_the_comparison_s_numbers(store, tmp_path):
+    """deltas_within, mean_std and write_markdown: what the study notebooks build their tables from."""
+    study = A.load_study("demo-micro", store)
+    assert study.seeds == [0, 1, 2, 3]
+    runs = study.runs.assign(epochs=study.runs["seed"].map(lambda s: 1.0 if s < 3 else 2.0))
+    runs = runs[runs["epochs"] == 1.0]  # one group; "unpaired" keeps seeds 0 and 1 there
+    within, shown = A.deltas_within(runs, group="epochs", by="level", baseline="base", metric="val/bpb",
+                                    label=lambda e: f"{e:g} epochs")
+    plain = S.compare(runs, by="level", baseline="base", metric="val/bpb").set_index("level")
+    assert list(shown.columns) == ["1 epochs"] and "base" not in shown.index
+    for level, row in within.set_index("level").iterrows():
+        assert row["delta"] == pytest.approx(plain.loc[level, "delta"])
+        assert shown.loc[level, "1 epochs"] == S.delta_cell(*plain.loc[level, ["delta", "ci_low", "ci_high", "ci_method"]])
+    assert shown.loc["paired", "1 epochs"] == "-0.1167 [-0.3064, +0.0731]"  # the table test's paired interval
+    numbers, pm = A.mean_std(runs, ["level"], ["val/bpb"])
+    assert numbers.set_index("level").loc["paired", "val/bpb mean"] == pytest.approx(2.95 / 3)
+    assert pm.set_index("level").loc["single", "val/bpb"] == "0.9500"  # one seed: the mean alone
+    assert pm.set_index("level").loc["base", "val/bpb"] == f"1.1000 ± {pd.Series([1.0, 1.2, 1.1]).std():.4f}"
+    A.write_markdown(pm, tmp_path, "t", "a title", numbers=numbers)
+    assert (tmp_path / "t.md").read_text().startswith("a title\n\n| level ")
+    assert pd.read_csv(tmp_path / "t.csv").shape == numbers.shape
+
+
 def test_figures_command_runs_every_notebook(store, tmp_path):
     results = tmp_path / "results"
     env = dict(os.environ, BOV_RESULTS_DIR=str(results), MPLBACKEND="Agg")

@@ -100,7 +100,10 @@ def plot_axis(runs: pd.DataFrame, by: str = "level", metric: str = VAL_BPB, orde
     style()
     order = [lv for lv in (order or sorted(runs[by].unique())) if lv in set(runs[by])]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(order) + 2), 4))
+    state = np.random.get_state()
+    np.random.seed(0)  # seaborn jitters strip points with numpy's global RNG: the same runs, the same figure
     sns.stripplot(data=runs, x=by, y=metric, order=order, color="grey", alpha=0.6, size=4, ax=ax)
+    np.random.set_state(state)
     sns.pointplot(data=runs, x=by, y=metric, order=order, errorbar=("ci", 95), linestyle="none", capsize=0.2,
                   marker="D", ax=ax, seed=0)
     if baseline is not None and baseline in set(runs[by]):

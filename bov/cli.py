@@ -566,7 +566,11 @@ def sweeps() -> None:
 def main() -> None:
     """The `bov` command: the app, with a mistyped command line and run-state directories that cannot be used
     reported in one line, as every other bad input."""
+    import os
+
     from bov.paths import StateDirError, StoreError
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per study.json read is noise
 
     def is_a(e: BaseException, name: str) -> bool:  # click's classes, whether typer vendors click or not
         return any(c.__name__ == name for c in type(e).__mro__)

@@ -110,6 +110,7 @@ def test_cache_formula_counts_windows():
     assert short["keys"] == 12 * 256 * per_position
 
 
+@pytest.mark.slow  # compiles several models: about 10 s; the default suite stays under 10 minutes on 2 cores
 def test_compile_holds_over_many_runs_in_one_process(runs, monkeypatch):
     """Each run gets a compiled model: without a fresh dynamo cache per run, these four runs would hit the
     recompile limit (set low here) and fall back to eager, which this makes an error."""
@@ -132,6 +133,7 @@ def test_two_budgets_tokenize_once(runs):
     assert a.fingerprint == b.fingerprint and a.train.path == b.train.path
 
 
+@pytest.mark.slow  # datasets' own offline lookup takes about 20 s on 2 cores; the default suite stays under 10 minutes on 2 cores
 def test_offline_hub_mode_asks_no_server(monkeypatch, tmp_path, runs):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
@@ -233,6 +235,7 @@ def test_ddp_accumulation_all_reduces_once_per_step_and_equals_one_large_batch(t
     assert one["param_sum"] == pytest.approx(ranks[0]["param_sum"], rel=1e-5)
 
 
+@pytest.mark.slow  # every section of the GPU check, on CPU: about 11 s; the default suite stays under 10 minutes on 2 cores
 def test_gpu_check_dry_run_runs_every_section(tmp_path):
     env = dict(os.environ, BOV_RUNS_DIR=str(tmp_path / "runs"), BOV_PROGRESS="0")
     env.pop("MLFLOW_TRACKING_URI", None)

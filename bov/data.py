@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from bov.config import DataError, ExperimentConfig
+from bov.config import DataConfig, DataError, ExperimentConfig
 from bov.paths import cache_dir
 from bov.corpora import sha256_file
 from bov.sources import (HASH_BUCKETS, arrow_damage, cause_of, check_source, check_split, check_vocab, describe_source,
@@ -290,6 +290,15 @@ class PreparedData:
         return float(-logp[val].sum() / self.token_bytes[val].sum())
 
 
+def corpus_fingerprint(d: DataConfig) -> str:
+    """The corpus a setting reads: the bytes of its sources (a named corpus, whichever copy), and the split."""
+    split_key = {"val_fraction": d.val_fraction, "val_source": d.hashed()["val_source"], "doc_split": d.doc_split,
+                 "text_field": d.text_field, "max_docs": d.max_docs, "hub_config": d.hub_config}
+    src_id = json.dumps({"train": describe_source(d.source), "val": d.val_source and describe_source(d.val_source),
+                         **split_key}, sort_keys=True)
+    return hashlib.sha256(src_id.encode()).hexdigest()[:16]
+
+
 def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
             expect: tuple[Recorded, ...] | list[Recorded] = ()) -> PreparedData:
     """Build (or reuse) the tokenizer and the packed train/val streams for a config.
@@ -306,11 +315,7 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
     d = cfg.data
     check_vocab(cfg)
     check_source(d)
-    split_key = {"val_fraction": d.val_fraction, "val_source": d.val_source, "doc_split": d.doc_split,
-                 "text_field": d.text_field, "max_docs": d.max_docs, "hub_config": d.hub_config}
-    src_id = json.dumps({"train": describe_source(d.source), "val": d.val_source and describe_source(d.val_source),
-                         **split_key}, sort_keys=True)
-    corpus_fp = hashlib.sha256(src_id.encode()).hexdigest()[:16]
+    corpus_fp = corpus_fingerprint(d)
     check_identity(expect, {"corpus": corpus_fp})
 
     split: dict = {}

@@ -112,6 +112,16 @@ def test_a_name_hashes_as_the_path_the_studies_gave_before_names():
     assert named.config_hash() != ExperimentConfig().config_hash()
 
 
+def test_a_name_keeps_the_corpus_fingerprint_its_studies_recorded(shared_data):
+    from bov.data import corpus_fingerprint
+
+    files = ("train-0[0-3]-of-04.jsonl.xz", "validation.jsonl.xz")
+    named = DataConfig(source=f"corpus:wikipedia-en/{files[0]}", val_source=f"corpus:wikipedia-en/{files[1]}")
+    path = DataConfig(source=f"{shared_data}/wikipedia-en/{files[0]}", val_source=f"../shared/data/wikipedia-en/{files[1]}")
+    assert corpus_fingerprint(named) == "1f374560ed517442"  # what compute_multiplier_wikipedia-tiny recorded
+    assert corpus_fingerprint(path) == corpus_fingerprint(named)
+
+
 def _copy(root: Path, records: dict[str, list[dict]]) -> Path:
     (root / "wikipedia-en").mkdir(parents=True)
     for fname in corpora.manifest("wikipedia-en").files:

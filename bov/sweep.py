@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from bov import preflight, tracking
+from bov.budget import data_regime
 from bov.config import ConfigError, DataError
-from bov.data import DataDrift, Recorded
+from bov.data import DataDrift, Recorded, prepare
+from bov.litmodule import Diverged
 from bov.mlflow_store import ensure_experiment
 from bov.paths import RunBusy, RunLock, runs_dir, tracking_uri
 from bov.storage import ClaimLock, default_storage, fail_dead_local_trials, normalize_storage, open_storage
 from bov.study import Sweep, cell_budgets
+from bov.train import run_training
 from bov.trials import (CONFIG_HASH_ATTR, FINAL_FAILURE, ERROR_ATTR, cell_deltas, cell_of, cell_run_names,
                         changed_cells, failed_cells, format_summary, resumable, run_tag, sampling, study_metrics,
                         summarize, write_summary)
@@ -137,8 +140,6 @@ class Objective:
 
     def _run(self, trial, level, seed, cfg, run_dir) -> float:
         import optuna
-
-        from bov.train import Diverged, run_training
 
         sweep, spec = self.sweep, self.sweep.spec
         resume = self._was_tried(trial, level, seed) and (run_dir / "last.ckpt").is_file() and (run_dir / "run.json").is_file()
@@ -342,8 +343,6 @@ def prepare_study(sweep: Sweep, records: dict[str, Recorded] | None = None, log=
     """Every data setting of the study tokenized once (the largest budget of any cell), so that workers only read
     caches; and every cell's data regime (data.max_unique_tokens against the stream) checked before any training.
     `bov prepare --study` runs this alone, e.g. as one cluster job before a job array of workers."""
-    from bov.budget import data_regime
-    from bov.data import prepare
 
     records = records or {}
     shapes = cell_budgets(sweep)

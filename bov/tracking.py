@@ -11,6 +11,7 @@ metric is spelled once. A training run carries the flattened config as params (p
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -18,8 +19,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from bov.config import load_config, resolve_bank_layers
 from bov.mlflow_store import ensure_experiment
 from bov.paths import StoreError
+from bov.sources import corpus_origin
 
 # ----------------------------------------------------------------------------- names
 
@@ -74,6 +77,7 @@ STUDY_ARTIFACT, SWEEP_ARTIFACT = "study.json", "sweep.yaml"
 STUDY_PARENT_RUN, STUDY_TRACKING_URI, TRIAL_RUN_ID = "mlflow_parent_run_id", "mlflow_tracking_uri", "mlflow_run_id"
 
 
+@functools.cache  # the code this process runs: what was checked out when it started, not a later commit
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -104,7 +108,6 @@ def run_name(cfg, tags: dict[str, str] | None = None) -> str:
     """What the MLflow UI lists a run as: `tracking.run_name` if set; a sweep cell's level and seed
     (`last_third s0`); else `<preset>/<variant>` and the settings that differ from them (`tiny/bov
     model.bank_layers=all train.seed=1`; a path shows its file name)."""
-    from bov.config import load_config
 
     tags = tags or {}
     if cfg.tracking.run_name:
@@ -144,7 +147,6 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict
         for k, v in (extra_tags or {}).items():  # e.g. the sweep trial that took the run over
             client.set_tag(run_id, k, v)
         return run_id
-    from bov.config import resolve_bank_layers
 
     targets = resolve_bank_layers(cfg.model.bank_layers, cfg.model.n_layers)
     tags = {TAG_VARIANT: cfg.variant, TAG_PRESET: cfg.preset, TAG_SEED: str(cfg.train.seed), TAG_GIT: git_commit(),
@@ -165,7 +167,6 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict
 
 
 def _corpus_tag(cfg, data: dict) -> dict[str, str]:
-    from bov.sources import corpus_origin
 
     said = [o for o in dict.fromkeys(map(corpus_origin, (cfg.data.source, cfg.data.val_source))) if o]
     return {TAG_CORPUS: f"{'; '.join(said)}; corpus digest {data.get('corpus', '?')}"} if said else {}

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from bov import tracking
 from bov.config import ConfigError, ExperimentConfig, load_config
 from bov.paths import runs_dir
+from bov.scaling import LadderError, format_multiplier, multipliers
+from bov.stats import compare, compare_within, format_table, format_verdicts, verdicts
 from bov.study import SearchParam, Sweep
 
 FINAL_FAILURE, ERROR_ATTR = "bov.final_failure", "bov.error"  # trial attributes: failed on its own, and why
@@ -91,8 +93,6 @@ def run_tag(client, trial, tag: str) -> str | None:
     back (None: no run recorded, or it was deleted, so nothing to compare against)."""
     import mlflow
 
-    from bov import tracking
-
     run_id = trial.user_attrs.get(tracking.TRIAL_RUN_ID)
     if not run_id:
         return None
@@ -108,8 +108,6 @@ def changed_cells(sweep: Sweep, study, tracking_uri: str | None) -> list[tuple[s
     as if they were one. Trials from before the hash was recorded are read back from their MLflow run's tag."""
     import mlflow
     from optuna.trial import TrialState
-
-    from bov import tracking
 
     if sweep.spec.sampler != "grid":  # a TPE trial's config is its sampled point: nothing to compare against
         return []
@@ -192,8 +190,6 @@ class Grid:
         import pandas as pd
         from optuna.trial import TrialState
 
-        from bov.stats import compare
-
         sweep, metric = self.sweep, self.sweep.spec.metric
         trials = study.get_trials(deepcopy=False)
         runs = pd.DataFrame([{"level": cell_of(t)[0], "seed": cell_of(t)[1], metric: t.value,
@@ -211,7 +207,6 @@ class Grid:
         failed = {cell_of(t) for t in trials if t.state == TrialState.FAIL and cell_of(t) and t.user_attrs.get(FINAL_FAILURE)}
         table["failed"] = [sum(c[0] == lv for c in failed) for lv in table["level"]]
         if sweep.spec.paper is not None:  # the paper's claims against these seeds, shown by format
-            from bov.stats import verdicts
 
             table.attrs["verdicts"] = verdicts(runs, sweep.spec.paper.model_dump(), sweep.references, metric=metric)
         return table
@@ -219,8 +214,6 @@ class Grid:
     def _crossed(self, runs):
         """A crossed study: each first-axis level against the baseline at the same second-axis level, and with a
         budget ladder the compute multiplier (bov.scaling), or the line that says why there is none."""
-        from bov.scaling import LadderError, multipliers
-        from bov.stats import compare_within
 
         sweep, (a, b) = self.sweep, (ax["name"] for ax in self.sweep.axes)
         runs = runs.assign(**{axis: [sweep.coords(lv)[axis] for lv in runs["level"]] for axis in (a, b)},
@@ -240,8 +233,6 @@ class Grid:
         return table
 
     def format(self, table) -> str:
-        from bov.scaling import format_multiplier
-        from bov.stats import format_table
 
         spec = self.sweep.spec
         shown = format_table(table, metric=spec.metric, baseline=spec.baseline_level)
@@ -261,7 +252,6 @@ class Grid:
                 text += f" No compute multiplier: {table.attrs['no_multiplier']}."
         v = table.attrs.get("verdicts")
         if v is not None and len(v):
-            from bov.stats import format_verdicts
 
             counts = ", ".join(f"{(v['verdict'] == k).sum()} {k}" for k in ("agrees", "disagrees", "unresolved"))
             text += (f"\n\nThe paper's claims ({spec.paper.source}) against this study: {counts}\n\n"

@@ -363,7 +363,6 @@ def prepare_study(sweep: Sweep, records: dict[str, Recorded] | None = None, log=
 def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartbeat: int = 30,
               retry_failed: bool = False, log=print) -> SweepResult:
     """Create or continue the study, run `workers` local workers to completion, summarize."""
-    import mlflow
     import optuna
 
     if workers < 1:
@@ -382,72 +381,92 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     st = open_storage(url, heartbeat)
     existing = _existing(sweep, st)
     _refuse_changed_cells(sweep, existing, uri)
-    records = _records(sweep, existing, uri)
+    prepared = prepare_study(sweep, _records(sweep, existing, uri), log)
+    parent = _open_study(sweep, st, url, uri, prepared)
+    log(f"study {sweep.name}: {sampling(sweep).n_trials} cells, {workers} worker(s); optuna {url}; mlflow {uri} "
+        f"(experiment {sweep.name})")
+    interrupted = _run_workers(sweep, workers, url, uri, heartbeat, parent, retry_failed, log)
+    return _finish(sweep, st, url, uri, parent, interrupted)
 
-    prepared = prepare_study(sweep, records, log)
+
+def _open_study(sweep: Sweep, st, url: str, uri: str, prepared: dict) -> str:
+    """Create the study and its MLflow parent run, or reopen both (a re-run records new levels or seeds); record
+    the data identity its cells are trained on. The parent run's id."""
+    import mlflow
+    import optuna
 
     kind = sampling(sweep)
     with ClaimLock(url, sweep.name):  # one creator of the study and of its parent run
         study = optuna.create_study(study_name=sweep.name, storage=st, sampler=kind.sampler(),
                                     pruner=kind.pruner(), direction="minimize", load_if_exists=True)
         parent = study.user_attrs.get(tracking.STUDY_PARENT_RUN)
-        client = mlflow.MlflowClient(uri)
         # what the study's cells are trained on, recorded once (a streaming source's training stream is each
         # cell's own prefix of it: not recorded)
         streaming = {data_key(c.cfg): c.cfg.data.streaming for c in sweep.cells}
         now = {k: {stage: v for stage, v in p.identity.items() if not (stage == "train" and streaming[k])}
                for k, p in prepared.items()}
         study.set_user_attr(DATA_ATTR, {**now, **(study.user_attrs.get(DATA_ATTR) or {})})
-        if parent is None:
-            parent = tracking.create_sweep_run(sweep, uri, ensure_experiment(sweep.name, uri), url)
-            study.set_user_attr(tracking.STUDY_PARENT_RUN, parent)
-            study.set_user_attr(tracking.STUDY_TRACKING_URI, uri)
-            for k, v in (("axis", sweep.spec.axis), ("levels", sweep.levels), ("seeds", sweep.seeds),
-                         ("metric", sweep.spec.metric), ("baseline_level", sweep.spec.baseline_level),
-                         ("sweep_file", str(sweep.path.name)), ("preset", sweep.preset)):
-                study.set_user_attr(k, v)
-        else:
-            client.update_run(parent, status="RUNNING")
+        if parent is not None:
+            mlflow.MlflowClient(uri).update_run(parent, status="RUNNING")
             tracking.extend_sweep_run(sweep, uri, parent)  # a re-run with more levels or seeds records them
-    log(f"study {sweep.name}: {kind.n_trials} cells, {workers} worker(s); optuna {url}; mlflow {uri} "
-        f"(experiment {sweep.name})")
+            return parent
+        parent = tracking.create_sweep_run(sweep, uri, ensure_experiment(sweep.name, uri), url)
+        study.set_user_attr(tracking.STUDY_PARENT_RUN, parent)
+        study.set_user_attr(tracking.STUDY_TRACKING_URI, uri)
+        for k, v in (("axis", sweep.spec.axis), ("levels", sweep.levels), ("seeds", sweep.seeds),
+                     ("metric", sweep.spec.metric), ("baseline_level", sweep.spec.baseline_level),
+                     ("sweep_file", str(sweep.path.name)), ("preset", sweep.preset)):
+            study.set_user_attr(k, v)
+        return parent
 
-    interrupted = None
+
+def _run_workers(sweep: Sweep, workers: int, url: str, uri: str, heartbeat: int, parent: str, retry_failed: bool,
+                 log) -> str | None:
+    """The workers, here (one) or as spawned processes (several), to the end of the grid; the signal that
+    interrupted them ("SIGTERM", "SIGINT") or None. Any other error fails the parent run and is raised."""
+    import mlflow
+
     try:
         if workers == 1:
             worker_loop(sweep, url, heartbeat, parent, retry_failed, log)
-        else:
-            import multiprocessing as mp
+            return None
+        import multiprocessing as mp
 
-            ctx = mp.get_context("spawn")
-            import torch
+        import torch
 
-            gpus = torch.cuda.device_count()  # NVML's count: does not initialise CUDA in this process
-            procs = [ctx.Process(target=_worker_main, args=(i, workers, sweep, url, heartbeat, parent, retry_failed,
-                                                             str(runs_dir().resolve()), gpus, os.getpid()), daemon=False)
-                     for i in range(workers)]
+        ctx = mp.get_context("spawn")
+        gpus = torch.cuda.device_count()  # NVML's count: does not initialise CUDA in this process
+        procs = [ctx.Process(target=_worker_main, args=(i, workers, sweep, url, heartbeat, parent, retry_failed,
+                                                         str(runs_dir().resolve()), gpus, os.getpid()), daemon=False)
+                 for i in range(workers)]
+        for p in procs:
+            p.start()
+        before = _forward_sigterm(procs)
+        try:
             for p in procs:
-                p.start()
-            before = _forward_sigterm(procs)
-            try:
-                for p in procs:
-                    p.join()
-            except KeyboardInterrupt:  # the workers got the same SIGINT (or SIGTERM): let them end their runs cleanly
-                for p in procs:
-                    p.join()
-                raise
-            finally:
-                if before is not None:
-                    signal.signal(signal.SIGTERM, before)
+                p.join()
+        except KeyboardInterrupt:  # the workers got the same SIGINT (or SIGTERM): let them end their runs cleanly
+            for p in procs:
+                p.join()
+            raise
+        finally:
+            if before is not None:
+                signal.signal(signal.SIGTERM, before)
+        return None
     except KeyboardInterrupt as e:
-        interrupted = "SIGTERM" if _by_sigterm(e) else "SIGINT"
         log("interrupted: runs in flight ended KILLED; re-run the same command to continue")
+        return "SIGTERM" if _by_sigterm(e) else "SIGINT"
     except BaseException:  # e.g. the data changed under the study: the parent run does not stay RUNNING
         mlflow.MlflowClient(uri).set_terminated(parent, status="FAILED")
         raise
 
+
+def _finish(sweep: Sweep, st, url: str, uri: str, parent: str, interrupted: str | None) -> SweepResult:
+    """End the parent run (KILLED, FINISHED or FAILED naming its failed cells) and publish the summary on it."""
+    import mlflow
+
     study = _study(sweep, st)
-    complete = kind.complete(study)
+    complete = sampling(sweep).complete(study)
     failed = failed_cells(study)
     status = "KILLED" if interrupted else ("FINISHED" if complete and not failed else "FAILED")
     client = mlflow.MlflowClient(uri)

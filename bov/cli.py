@@ -331,25 +331,12 @@ def _device(device: str) -> str:
 
 
 def _checkpoints(checkpoint: list[Path] | None, study: list[str] | None, uri: str) -> list[tuple[Path, str | None]]:
-    """--checkpoint files (with the run beside each) and every finished run of each --study that kept one."""
-    from bov.evaluate import run_id_of, study_checkpoints
+    from bov.evaluate import find_checkpoints
 
-    found = []
-    for path in checkpoint or []:
-        if not path.is_file():
-            fail(f"--checkpoint: no file at {path}")
-        found.append((path, run_id_of(path)))
-    for name in study or []:
-        try:
-            got = study_checkpoints(name, uri)
-        except ValueError as e:
-            fail(f"--study {name}: {e}")
-        if not got:
-            fail(f"--study {name}: no finished run of it has a checkpoint under the runs dir")
-        found += got
-    if not found:
-        fail("give --checkpoint PATH or --study NAME")
-    return found
+    try:
+        return find_checkpoints(checkpoint, study, uri)
+    except ValueError as e:
+        fail(str(e))
 
 
 @app.command("eval")
@@ -374,7 +361,7 @@ def eval_cmd(
     import json
 
     from bov.config import DataError
-    from bov.evaluate import evaluate
+    from bov.evaluate import evaluate, format_rows
     from bov.paths import tracking_uri
     from bov.scoring import parse_texts
 
@@ -393,19 +380,8 @@ def eval_cmd(
                         None if no_log else uri, log=lambda m: typer.echo(m, err=True))
     except (DataError, FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    texts_rows = [r for r in rows if "text" in r]
-    if texts_rows:
-        typer.echo(f"{'variant':<18} {'seed':>4} {'text':<16} {'tokens':>10} {'bits/byte':>9} {'loss':>7} {'unigram':>8}")
-        for r in texts_rows:
-            typer.echo(f"{r['variant']:<18} {r['seed']:>4} {r['text']:<16} {r['tokens']:>10,} {r['bpb']:>9.4f} "
-                       f"{r['loss']:>7.4f} {r['unigram_bpb']:>8.4f}")
-        typer.echo(f"(windows of {texts_rows[0]['context']} tokens, stride {texts_rows[0]['stride']}; unigram: "
-                   "fitted on the text itself)")
-    for r in (r for r in rows if "task" in r):
-        typer.echo(f"{r['variant']:<18} {r['seed']:>4} task {r['task']:<28} {r['metric']:<18} {r['value']:.4f}")
+    if shown := (json.dumps(rows, indent=2) if as_json else "\n".join(format_rows(rows))):
+        typer.echo(shown)
 
 
 @app.command("probe")

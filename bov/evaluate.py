@@ -38,6 +38,43 @@ def study_checkpoints(study: str, uri: str) -> list[tuple[Path, str]]:
     return found
 
 
+def find_checkpoints(checkpoint: list[Path] | None, study: list[str] | None, uri: str) -> list[tuple[Path, str | None]]:
+    """`--checkpoint` files (with the run beside each) and every finished run of each `--study` that kept one;
+    what is not there is a ValueError naming the option."""
+    found = []
+    for path in checkpoint or []:
+        if not path.is_file():
+            raise ValueError(f"--checkpoint: no file at {path}")
+        found.append((path, run_id_of(path)))
+    for name in study or []:
+        try:
+            got = study_checkpoints(name, uri)
+        except ValueError as e:
+            raise ValueError(f"--study {name}: {e}") from None
+        if not got:
+            raise ValueError(f"--study {name}: no finished run of it has a checkpoint under the runs dir")
+        found += got
+    if not found:
+        raise ValueError("give --checkpoint PATH or --study NAME")
+    return found
+
+
+def format_rows(rows: list[dict]) -> list[str]:
+    """`bov eval`'s table: a line per (checkpoint, text) with bits per byte, loss and the unigram reference, then
+    a line per (checkpoint, task metric)."""
+    lines = []
+    texts = [r for r in rows if "text" in r]
+    if texts:
+        lines.append(f"{'variant':<18} {'seed':>4} {'text':<16} {'tokens':>10} {'bits/byte':>9} {'loss':>7} {'unigram':>8}")
+        lines += [f"{r['variant']:<18} {r['seed']:>4} {r['text']:<16} {r['tokens']:>10,} {r['bpb']:>9.4f} "
+                  f"{r['loss']:>7.4f} {r['unigram_bpb']:>8.4f}" for r in texts]
+        lines.append(f"(windows of {texts[0]['context']} tokens, stride {texts[0]['stride']}; unigram: fitted on the "
+                     "text itself)")
+    lines += [f"{r['variant']:<18} {r['seed']:>4} task {r['task']:<28} {r['metric']:<18} {r['value']:.4f}"
+              for r in rows if "task" in r]
+    return lines
+
+
 def log_to_run(uri: str, run_id: str, text: str, result: dict[str, float], context: int, stride: int) -> None:
     """`eval/<text>/{bpb,loss,tokens}` on the checkpoint's run (which may have ended: metrics can be added)."""
     import mlflow

@@ -290,6 +290,49 @@ class PreparedData:
         return float(-logp[val].sum() / self.token_bytes[val].sum())
 
 
+class _Documents:
+    """A data setting's documents, read and split only when something has to be built (a tokenizer, a stream)."""
+
+    def __init__(self, d: DataConfig, log):
+        self.d, self.log, self.parts = d, log, {}
+
+    def split(self) -> dict:
+        """train/val datasets: a document-level hash split, or the separate validation source; each checked."""
+        d = self.d
+        if self.parts:
+            return self.parts
+        docs = load_documents(d.source, d)
+        if d.val_source is None:
+            cut = round(d.val_fraction * HASH_BUCKETS)
+            parts = {"train": docs.filter(lambda t: doc_bucket(t) >= cut, input_columns="text"),
+                     "val": docs.filter(lambda t: doc_bucket(t) < cut, input_columns="text")}
+        else:
+            parts = {"train": docs, "val": load_documents(d.val_source, d, key="data.val_source")}
+        try:
+            for name in ("train", "val"):
+                check_split(parts[name], name, d, len(docs) if hasattr(docs, "__len__") else 0)
+        except DataError:
+            for ds in {id(x): x for x in (docs, parts["train"], parts["val"])}.values():
+                drop_cache(ds)
+            raise
+        self.parts = parts
+        return parts
+
+    def rebuilt(self, step):
+        """Run a step that reads the datasets' Arrow cache; a damaged entry (cut short, overwritten) is dropped
+        and the step runs once more from the source files, since the cache is derived from them."""
+        try:
+            return step()
+        except Exception as e:
+            if not arrow_damage(e) or not self.parts:
+                raise
+            for ds in list(self.parts.values()):
+                drop_cache(ds)
+            self.parts = {}
+            self.log(f"note: the datasets cache of {self.d.source} was damaged ({cause_of(e)}); rebuilt from the source")
+            return step()
+
+
 def corpus_fingerprint(d: DataConfig) -> str:
     """The corpus a setting reads: the bytes of its sources (a named corpus, whichever copy), and the split."""
     split_key = {"val_fraction": d.val_fraction, "val_source": d.hashed()["val_source"], "doc_split": d.doc_split,
@@ -318,43 +361,8 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
     corpus_fp = corpus_fingerprint(d)
     check_identity(expect, {"corpus": corpus_fp})
 
-    split: dict = {}
-
-    def split_docs() -> dict:
-        """Read the corpus and split it by document, only when something has to be built."""
-        if not split:
-            docs = load_documents(d.source, d)
-            if d.val_source is None:
-                cut = round(d.val_fraction * HASH_BUCKETS)
-                split["val"] = docs.filter(lambda t: doc_bucket(t) < cut, input_columns="text")
-                split["train"] = docs.filter(lambda t: doc_bucket(t) >= cut, input_columns="text")
-            else:
-                split["train"], split["val"] = docs, load_documents(d.val_source, d, key="data.val_source")
-            try:
-                for name in ("train", "val"):
-                    check_split(split[name], name, d, len(docs) if hasattr(docs, "__len__") else 0)
-            except DataError:
-                for ds in {id(x): x for x in (docs, split["train"], split["val"])}.values():
-                    drop_cache(ds)
-                split.clear()
-                raise
-        return split
-
-    def rebuilt(step):
-        """Run a step that reads the datasets' Arrow cache; a damaged entry (cut short, overwritten) is dropped
-        and the step runs once more from the source files, since the cache is derived from them."""
-        try:
-            return step()
-        except Exception as e:
-            if not arrow_damage(e) or not split:
-                raise
-            for ds in list(split.values()):
-                drop_cache(ds)
-            split.clear()
-            log(f"note: the datasets cache of {d.source} was damaged ({cause_of(e)}); rebuilt from the source")
-            return step()
-
-    tok, tok_path = rebuilt(lambda: get_tokenizer(cfg, lambda: (r["text"] for r in split_docs()["train"]), corpus_fp))
+    docs = _Documents(d, log)
+    tok, tok_path = docs.rebuilt(lambda: get_tokenizer(cfg, lambda: (r["text"] for r in docs.split()["train"]), corpus_fp))
     bos_id = tok.token_to_id(BOS)
     if bos_id is None:
         bos_id = tok.get_vocab_size() - 1 if cfg.data.tokenizer else 0
@@ -373,10 +381,10 @@ def prepare(cfg: ExperimentConfig, stream_tokens: int | None = None, log=print,
         path = root / f"{name}.bin"
         stream = _load_cached(path)
         if stream is None or not stream.serves(limits[name]):
-            split_docs()  # read (and checked) before we say we tokenize it
+            docs.split()  # read (and checked) before we say we tokenize it
             log(f"tokenizing {name} split of {d.val_source if name == 'val' and d.val_source else d.source} -> {path}")
-            stream = rebuilt(lambda: _pack(split_docs()[name], tok, bos_id, path, d.num_proc or os.cpu_count() or 1,
-                                           limits[name]))
+            stream = docs.rebuilt(lambda: _pack(docs.split()[name], tok, bos_id, path, d.num_proc or os.cpu_count() or 1,
+                                                limits[name]))
         streams[name] = stream.head(limits[name], token_bytes)
         check_identity(expect, {name: streams[name].sha256})
     remember_digests()

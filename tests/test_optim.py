@@ -111,3 +111,37 @@ def test_a_saved_normuon_and_adamw_state_resumes_the_same_trajectory():
     steps(resumed, opt2, batches[3:])
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (512, 128)])
+def test_muon_s_bf16_newton_schulz_turns_one_rounding_into_a_percent(shape):
+    """Why DDP with Muon matches one process only loosely (AdamW: to 1e-5): an all-reduce sums the ranks' gradients
+    in another order, which changes float32 roundings, and now and then one of them crosses a bf16 rounding
+    boundary. The smallest such change (one element, about 1e-9 of the gradient) moves Muon's bf16 Newton-Schulz
+    update by 2-3%, and the same iteration in fp32 by about 1e-6. Float noise made large by bf16, not a bug: both
+    updates are the polar factor to bf16's precision."""
+    from bov.optim import POLAR_EXPRESS
+
+    def in_fp32(g):
+        x, tall = g / (g.norm() * 1.01 + 1e-6), g.size(-2) > g.size(-1)
+        for a, b, c in POLAR_EXPRESS:
+            m = x.mT @ x if tall else x @ x.mT
+            x = a * x + (x @ (b * m + c * (m @ m)) if tall else (b * m + c * (m @ m)) @ x)
+        return x
+
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    up = torch.nextafter(g.bfloat16(), torch.full(shape, float("inf"), dtype=torch.bfloat16)).float()
+    mid = (g.bfloat16().float() + up) / 2  # where bf16 rounding changes its mind
+    i = int(((mid - g).abs() / g.abs()).flatten().argmin())
+    h = g.clone().flatten()
+    h[i] = torch.nextafter(mid.flatten()[i], torch.tensor(float("inf")))
+    h = h.view(shape)
+    assert int((h.bfloat16() != g.bfloat16()).sum()) == 1
+    moved = lambda f: ((f(g) - f(h)).norm() / f(g).norm()).item()  # noqa: E731
+    assert moved(lambda x: x) < 1e-8
+    assert moved(polar_express) > 1e-2
+    assert moved(in_fp32) < 1e-5
+    u, _, vt = torch.linalg.svd(g, full_matrices=False)
+    for x in (g, h):
+        assert torch.nn.functional.cosine_similarity(polar_express(x).flatten(), (u @ vt).flatten(), dim=0) > 0.97

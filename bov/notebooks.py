@@ -67,6 +67,7 @@ def run_figures(studies: list[str] | None, script: bool = False, log=print) -> l
     from bov import analysis as A
     from bov.paths import runs_dir, tracking_uri
     from bov.mlflow_store import check_tracking_uri, relocate_artifacts
+    from bov.tracking import retire_dead_sweep, sweep_parent
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # do not create an empty store
@@ -81,6 +82,8 @@ def run_figures(studies: list[str] | None, script: bool = False, log=print) -> l
                MPLBACKEND="Agg", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")  # no timings in executed notebooks
     jobs = []
     for name in names:
+        if (parent := sweep_parent(uri, name)) and retire_dead_sweep(uri, parent):
+            log(f"{name}: its sweep process is gone; its parent run now ends KILLED (re-run the sweep to continue)")
         loaded = A.load_study(name, uri)
         if loaded.runs.empty:
             if studies:

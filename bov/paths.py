@@ -193,3 +193,13 @@ class RunLock:
                 return cls.owner_text(f)
             fcntl.flock(f, fcntl.LOCK_UN)
         return None
+
+
+def process_alive(pid: int, since: float) -> bool:
+    """The process `pid` exists and is the one that started by `since` (a Unix time), not a reused pid."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() <= since + 1.0
+    except psutil.Error:
+        return False

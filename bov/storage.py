@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 from bov.config import ConfigError
-from bov.paths import RunLock, StoreError, runs_dir, sqlite_tables
+from bov.paths import RunLock, StoreError, process_alive, runs_dir, sqlite_tables
 from bov.tracking import mark_lost_run
 
 
@@ -115,7 +115,7 @@ def fail_dead_local_trials(study) -> None:
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or _alive(pid, t.datetime_start):
+        if t.user_attrs.get("host") != host or pid is None or process_alive(pid, t.datetime_start.timestamp()):
             continue
         if t.user_attrs.get("run_dir") and RunLock.owner(Path(t.user_attrs["run_dir"])):
             continue  # its run directory still has a live writer: not dead, whatever the pid says
@@ -124,14 +124,6 @@ def fail_dead_local_trials(study) -> None:
                 mark_lost_run(study, t, why=f"process {pid} is gone")
 
 
-def _alive(pid: int, since) -> bool:
-    """The process `pid` exists and is the one that started at `since` (not a reused pid)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time() <= since.timestamp() + 1.0
-    except psutil.Error:
-        return False
 
 
 def open_storage(url: str, heartbeat: int):

@@ -383,6 +383,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, storage: str | None = None, heartb
     _refuse_changed_cells(sweep, existing, uri)
     prepared = prepare_study(sweep, _records(sweep, existing, uri), log)
     parent = _open_study(sweep, st, url, uri, prepared)
+    tracking.mark_sweep_process(uri, parent)
     log(f"study {sweep.name}: {sampling(sweep).n_trials} cells, {workers} worker(s); optuna {url}; mlflow {uri} "
         f"(experiment {sweep.name})")
     interrupted = _run_workers(sweep, workers, url, uri, heartbeat, parent, retry_failed, log)

@@ -61,6 +61,7 @@ TAG_ERROR, TAG_RESUMED_AFTER_ERROR = "error", "resumed_after_error"
 TAG_STUDY, TAG_TRIAL, TAG_AXIS, TAG_LEVEL, TAG_CELL_SEED = "bov.study", "bov.trial", "bov.axis", "bov.level", "bov.seed"
 TAG_COORD = "bov.coord."  # + axis: a crossed study's cell, its level on that axis (bov.coord.budget = 2x)
 TAG_SWEEP_FILE, TAG_ROLE, TAG_PRUNED_AT = "bov.sweep_file", "bov.role", "bov.pruned_at_step"
+TAG_SWEEP_PROCESS = "bov.sweep_process"  # on a sweep's parent run: "host:pid:start time" of the sweep running it
 TAG_FAILED_CELLS = "bov.failed_cells"  # on a sweep's parent run: "level seed N: reason; ..."
 ROLE_SWEEP = "sweep"
 TAG_NOTE = "mlflow.note.content"  # MLflow's own: a run's description, rendered as markdown
@@ -346,6 +347,39 @@ def attach_results(uri: str, parent: str, folder: Path, description: str | None 
     client.log_artifacts(parent, str(folder), artifact_path="results")
     if description:
         client.set_tag(parent, TAG_NOTE, description[:60000])
+
+
+def mark_sweep_process(uri: str, parent: str) -> None:
+    """Record on the parent run which process runs the sweep now (see retire_dead_sweep)."""
+    import socket
+    import time
+
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_tag(parent, TAG_SWEEP_PROCESS, f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
+
+
+def retire_dead_sweep(uri: str, parent: str) -> bool:
+    """A parent run left RUNNING by a sweep process of this machine that is gone (SIGKILL, a crash) ends KILLED,
+    saying so; True when it did. Another machine's sweep is never judged from here."""
+    import socket
+
+    import mlflow
+
+    from bov.paths import process_alive
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(parent)
+    host, _, rest = run.data.tags.get(TAG_SWEEP_PROCESS, "").partition(":")
+    pid, _, since = rest.partition(":")
+    if run.info.status != "RUNNING" or host != socket.gethostname() or not pid.isdigit() or not since.isdigit():
+        return False
+    if process_alive(int(pid), float(since)):
+        return False
+    client.set_tag(parent, TAG_ERROR, f"the sweep process {pid} on {host} is gone (killed, or it crashed); re-run "
+                                      "the sweep to continue the study")
+    client.set_terminated(parent, status="KILLED")
+    return True
 
 
 def sweep_parent(uri: str, experiment: str) -> str | None:

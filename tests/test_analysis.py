@@ -243,6 +243,28 @@ def test_figures_command_runs_every_notebook(store, tmp_path):
             A.publish("demo-micro", store, results / "demo-micro")
 
 
+def test_a_parent_run_left_running_by_a_dead_sweep_ends_killed(store):
+    """What `bov figures` does first for each study: a SIGKILLed sweep's parent no longer shows RUNNING."""
+    import socket
+    import time
+
+    client = mlflow.MlflowClient(store)
+    parent = tracking.sweep_parent(store, "demo-micro")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = f"{time.time():.0f}"
+    for who, retired in ((f"{socket.gethostname()}:{os.getpid()}:{now}", False),  # alive: this test
+                         (f"another-host:{gone.pid}:{now}", False),  # not this machine's to judge
+                         (f"{socket.gethostname()}:{gone.pid}:{now}", True)):
+        client.update_run(parent, status="RUNNING")
+        client.set_tag(parent, tracking.TAG_SWEEP_PROCESS, who)
+        assert tracking.retire_dead_sweep(store, parent) is retired
+        run = client.get_run(parent)
+        assert run.info.status == ("KILLED" if retired else "RUNNING")
+    assert f"the sweep process {gone.pid} on {socket.gethostname()} is gone" in run.data.tags["error"]
+    assert tracking.retire_dead_sweep(store, parent) is False  # ended already
+
+
 def test_figures_without_any_sweep_says_so(tmp_path):
     env = dict(os.environ, BOV_RUNS_DIR=str(tmp_path / "runs"), BOV_RESULTS_DIR=str(tmp_path / "results"))
     env.pop("MLFLOW_TRACKING_URI", None)

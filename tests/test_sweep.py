@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -320,6 +321,7 @@ def test_two_workers_share_a_grid_without_running_a_cell_twice(tmp_path, monkeyp
     parent = next(r for r in all_runs(runs, "mini-micro") if r.data.tags.get("bov.role") == "sweep")
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("# mini-micro") and "| last_third " in note and "Δ vs none (95% CI)" in note
+    assert parent.data.tags["bov.sweep_process"].startswith(f"{socket.gethostname()}:")  # who ran it (a dead one's parent is retired)
     summary = pd.read_csv(runs / "sweeps" / "mini-micro" / "summary.csv").set_index("level")
     for key, col in (("val_bpb_delta_vs_none", "delta"), ("val_bpb_delta_vs_none_ci_low", "ci_low"),
                      ("val_bpb_mean", "val/bpb mean")):

@@ -163,15 +163,8 @@ def _label(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def load_sweep(
-    name: str,
-    scale: str | None = None,
-    seeds: list[int] | None = None,
-    study: str | None = None,
-    steps: int | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-) -> Sweep:
-    """sweeps/<name>.yaml (or a path) -> Sweep with every cell validated; ConfigError names the file and key."""
+def _read_spec(name: str, seeds: list[int] | None) -> tuple[Path, SweepSpec]:
+    """The study file a name or path means, read and validated (with `seeds` in place of its own)."""
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
         path = SWEEPS_DIR / f"{name}.yaml"
@@ -196,6 +189,19 @@ def load_sweep(
         spec = spec.model_copy(update={"seeds": list(seeds)})
     if len(set(spec.seeds)) != len(spec.seeds) or not spec.seeds:
         raise ConfigError(f"{path}: seeds must be distinct and not empty (got {spec.seeds})")
+    return path, spec
+
+
+def load_sweep(
+    name: str,
+    scale: str | None = None,
+    seeds: list[int] | None = None,
+    study: str | None = None,
+    steps: int | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Sweep:
+    """sweeps/<name>.yaml (or a path) -> Sweep with every cell validated; ConfigError names the file and key."""
+    path, spec = _read_spec(name, seeds)
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {steps})")
     preset = scale or spec.base.preset

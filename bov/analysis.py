@@ -97,7 +97,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None, status: Sequence
     (`model.bank_layers`, `train.lr_bank`, `budget.tokens`, `params.bank`, ...), every final
     metric under its name (`val/bpb`, `coeff/layer04/b`, ...), and derived columns:
     `params` (total), `params_non_embedding`, `tokens`, `flops_per_token`, `epochs`,
-    `tokens_per_param`, `tokens_per_s`.
+    `tokens_per_param`, `tokens_per_s`, `wall_s` (the MLflow run's start to end).
     """
     import mlflow
 
@@ -121,6 +121,8 @@ def load_runs(experiment: str, tracking_uri: str | None = None, status: Sequence
                if c.startswith("metrics.")}
     for key in set(params) & set(metrics):  # a run's setup: params in older runs, `setup/` metrics since (T.SETUP)
         params[key] = np.where(pd.isna(metrics[key]), params[key], metrics.pop(key))
+    if "start_time" in raw and "end_time" in raw:  # a run resumed after a stop counts the stop too
+        out["wall_s"] = (pd.to_datetime(raw["end_time"]) - pd.to_datetime(raw["start_time"])).dt.total_seconds().to_numpy()
     out = pd.concat([out, pd.DataFrame(params), pd.DataFrame(metrics)], axis=1)
     out = out.loc[:, ~out.columns.duplicated()]  # the config's own `variant`/`preset` equal the tags
     out["seed"] = pd.to_numeric(out["seed"], errors="coerce").astype("Int64")

@@ -83,6 +83,9 @@ def report(study: A.Study, out_dir: Path, tracking_uri: str | None = None) -> di
     caption = (f"{study.name}: {metric} by {first['name']} at each {second['name']}; mean ± std over seeds "
                f"({len(seeds)} seed(s)); Δ against {', '.join(study.references)} at the same {second['name']}, paired "
                "by seed. " + " ".join(notes))
+    if "wall_s" in runs and runs["wall_s"].notna().any():
+        caption += (f" Run time: {len(runs)} runs, {runs['wall_s'].sum() / 3600:.1f} h from each MLflow run's start "
+                    "to its end (a run stopped and resumed counts its stop).")
     if len(seeds) < 2:
         caption += " One seed: an anecdote, not a finding."
     files += A.write_table(table, out_dir, "table", by=a, metric=metric, baseline=base, caption=caption, shown=shown)

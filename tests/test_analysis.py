@@ -79,6 +79,7 @@ def test_load_study_reads_runs_and_definition(store):
     assert r["val/bpb"] == 1.0 and r["val/loss"] == 2.0 and r["model.bank_layers"] == "last_third"
     assert r["params"] == sum(SPLIT.values()) and r["params_non_embedding"] == 800 + 100 + 2
     assert r["epochs"] == pytest.approx(20_000 / 5000) and r["tokens_per_s"] == 501.0
+    assert runs["wall_s"].notna().all() and (runs["wall_s"] >= 0).all()  # start to end of each run
     assert r["tokens_per_param"] == pytest.approx(20_000 / sum(SPLIT.values()))
     assert A.sweep_experiments(store) == ["demo-micro", "variants-micro"]
 

@@ -11,9 +11,9 @@ this order, to:
    of their text (`wikimedia/wikipedia`, config `20231101.en`), written as files of the same names;
 3. neither (no copy, no network): one line naming both options.
 
-`bov.sources.corpus_origin` says which one a run used, recorded as the tag `bov.corpus` beside the corpus digest. A name hashes
-as the path the studies used before names existed, so their stores and results/ keep their
-config hashes (bov.config).
+`bov.sources.corpus_origin` says which one a run used (its tag `bov.corpus`, beside the corpus digest). A name
+hashes as the path the studies used before names existed, so their stores and results/ keep their config hashes
+(bov.config).
 """
 
 from __future__ import annotations

@@ -356,7 +356,8 @@ def mark_sweep_process(uri: str, parent: str) -> None:
 
     import mlflow
 
-    mlflow.MlflowClient(uri).set_tag(parent, TAG_SWEEP_PROCESS, f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}")
+    who = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
+    mlflow.MlflowClient(uri).set_tag(parent, TAG_SWEEP_PROCESS, who)
 
 
 def retire_dead_sweep(uri: str, parent: str) -> bool:

@@ -29,5 +29,7 @@ LAYERS = (
     ("lmeval",),
     ("evaluate", "probe"),  # checkpoints of runs and studies -> eval/, task/, probe metrics
     ("bench", "gpucheck"),
+    ("cli_common",),  # what every command shares: options, the one-line failure
+    ("cli_measure",),  # eval, probe, generate, bench-*
     ("lm_eval_hook", "cli"),
 )

@@ -50,14 +50,21 @@ def report(study: A.Study, out_dir: Path, tracking_uri: str | None = None) -> di
         try:
             m = multipliers(runs, by=a, budget=b, baseline=base, metric=metric)
             fit = m.attrs["fit"]
-            table = table.merge(m[[a, b, "multiplier", "ci_low", "ci_high", "extrapolated", "note"]]
+            table = table.merge(m[[a, b, "multiplier", "ci_low", "ci_high", "extrapolated", "note", "interpolated",
+                                   "interpolated_low", "interpolated_high"]]
                                 .rename(columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high",
                                                  "note": "multiplier_note"}), on=[a, b], how="left")
             shown["× compute (95% CI)"] = [format_multiplier(*r) for r in zip(
                 table["multiplier"], table["multiplier_low"], table["multiplier_high"], table["extrapolated"])]
+            shown["× compute, no law (95% CI)"] = [format_multiplier(*r, False) for r in zip(
+                table["interpolated"], table["interpolated_low"], table["interpolated_high"])]
+            misses = ", ".join(f"{lv} {r:+.4f}" for lv, r in m.attrs["residuals"].items())
             notes.append(f"× compute: the baseline's compute at which its fitted ladder, {fit}, reaches the level's "
                          f"loss, over the level's own compute; 95% interval by bootstrap over seeds ({len(m)} "
-                         "variant cells). Extrapolated: the loss lies outside the ladder's measured losses.")
+                         "variant cells). Extrapolated: the loss lies outside the ladder's measured losses. "
+                         f"The ladder's measured mean minus the law, per budget: {misses}. × compute, no law: the "
+                         "same read between the two measured budgets that bracket the level's loss (log compute "
+                         "linear in loss), with the same bootstrap; '-' outside the measured losses.")
             out["multipliers"] = m
             files += save(plot_multipliers(m, by=a, title=f"{study.name}: compute-equivalent multiplier"),
                           out_dir, "multipliers")

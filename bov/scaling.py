@@ -9,6 +9,10 @@
   times the baseline's compute. A 95% interval by bootstrap: the seeds are resampled within every budget of the
   ladder and within the variant, and the ladder refitted, N_BOOT times. A variant whose loss lies outside the
   losses the ladder measured is flagged `extrapolated`; one below the fitted floor E has no finite multiplier.
+* The same without a law (`interpolated`): the baseline's compute for the variant's loss read between the two
+  measured budgets that bracket it (log compute linear in loss), with the same bootstrap; NaN outside them. Where
+  the law misses the ladder's points (its residuals are in `.attrs["residuals"]`), the two differ, and the
+  difference is the law's, not the variant's.
 * `size_trend(runs, ...)`: per model size, the variant's delta against the baseline, paired by seed; the gain
   (-delta) fitted against log10 of the non-embedding parameters; the slope's 95% interval from the sizes'
   own standard errors (Welch-Satterthwaite degrees of freedom: with 3 seeds a bootstrap of the seeds would be
@@ -112,6 +116,16 @@ def _fit(ladder: dict[str, tuple[np.ndarray, np.ndarray]]) -> PowerLaw:
     return fit
 
 
+def interpolated(ladder: dict[str, tuple[np.ndarray, np.ndarray]], loss: float) -> float:
+    """The compute at which the baseline reaches `loss`, with no fitted law: between the two measured budgets
+    whose mean losses bracket it, log compute linear in loss. NaN outside the measured losses."""
+    pts = sorted((float(np.log(c.mean())), float(L.mean())) for c, L in ladder.values())
+    for (x0, l0), (x1, l1) in zip(pts, pts[1:]):
+        if min(l0, l1) <= loss <= max(l0, l1) and l0 != l1:
+            return float(np.exp(x0 + (x1 - x0) * (l0 - loss) / (l0 - l1)))
+    return math.nan
+
+
 def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric: str = "val/bpb",
                 n_boot: int = N_BOOT, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
     """One row per (level, budget) cell group other than the baseline's: seeds, loss, compute, multiplier with
@@ -124,15 +138,19 @@ def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric:
     groups = [(lv, b, g) for (lv, b), g in runs[runs[by] != baseline].groupby([by, budget], sort=False)]
     rng = np.random.default_rng(seed)
     boots = np.full((n_boot, len(groups)), np.nan)
+    boots_interp = np.full((n_boot, len(groups)), np.nan)
     for i in range(n_boot):
         resampled = {b: (c[k], L[k]) for b, (c, L) in ladder.items() for k in [rng.integers(0, len(L), len(L))]}
         try:
             f = _fit(resampled)
         except LadderError:  # a resample whose fit does not fall: no multiplier from it
-            continue
+            f = None
         for j, (_, _, g) in enumerate(groups):
             L = g[metric].to_numpy(float)
-            boots[i, j] = f.compute(L[rng.integers(0, len(L), len(L))].mean()) / g["compute"].mean()
+            drawn = L[rng.integers(0, len(L), len(L))].mean()
+            if f is not None:
+                boots[i, j] = f.compute(drawn) / g["compute"].mean()
+            boots_interp[i, j] = interpolated(resampled, drawn) / g["compute"].mean()
     rows = []
     q = [(1 - confidence) / 2, (1 + confidence) / 2]
     for j, (lv, b, g) in enumerate(groups):
@@ -140,6 +158,8 @@ def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric:
         point = float(fit.compute(loss)) / used
         ok = boots[:, j][~np.isnan(boots[:, j])]
         lo, hi = (np.quantile(ok, q) if len(ok) > 1 and len(g) > 1 else (math.nan, math.nan))
+        ok = boots_interp[:, j][~np.isnan(boots_interp[:, j])]
+        ilo, ihi = (np.quantile(ok, q) if len(ok) > 1 and len(g) > 1 else (math.nan, math.nan))
         outside = not lo_loss <= loss <= hi_loss
         note = ("below the fitted floor E: no finite multiplier" if math.isinf(point) else
                 f"extrapolated: loss {'below' if loss < lo_loss else 'above'} the ladder's "
@@ -147,10 +167,13 @@ def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric:
         if len(g) < 2:
             note = "; ".join(filter(None, [note, "one seed: no interval, an anecdote"]))
         rows.append({by: lv, budget: b, "seeds": len(g), metric: loss, "compute": used, "multiplier": point,
-                     "ci_low": float(lo), "ci_high": float(hi), "extrapolated": outside, "note": note})
+                     "ci_low": float(lo), "ci_high": float(hi), "extrapolated": outside, "note": note,
+                     "interpolated": interpolated(ladder, loss) / used, "interpolated_low": float(ilo),
+                     "interpolated_high": float(ihi)})
     out = pd.DataFrame(rows, columns=[by, budget, "seeds", metric, "compute", "multiplier", "ci_low", "ci_high",
-                                      "extrapolated", "note"])
+                                      "extrapolated", "note", "interpolated", "interpolated_low", "interpolated_high"])
     out.attrs["fit"] = fit
+    out.attrs["residuals"] = {b: float(L.mean() - fit.loss(c.mean())) for b, (c, L) in ladder.items()}
     return out
 
 

@@ -53,6 +53,26 @@ def test_a_variant_worth_1_5x_is_recovered_inside_its_interval(seed):
     assert m.attrs["fit"].alpha > 0 and row["seeds"] == 3
 
 
+def test_without_a_law_the_multiplier_is_read_between_the_measured_budgets():
+    """`interpolated`: no fitted law, log compute linear in loss between the two budgets that bracket the loss.
+    On a ladder that follows a law it agrees with the fit; where the law misses the ladder it does not, and the
+    law's residual per budget says by how much."""
+    m = multipliers(ladder({"bov": 1.5}, noise=0.0), "variant", "budget", "baseline", n_boot=200).iloc[0]
+    chord = (math.log(2) - 0) * (LAW.loss(C1) - LAW.loss(1.5 * C1)) / (LAW.loss(C1) - LAW.loss(2 * C1))
+    assert m["interpolated"] == pytest.approx(math.exp(chord), rel=1e-9)  # the chord of the 1x-2x segment
+    assert abs(m["interpolated"] - 1.5) < 0.05 and m["multiplier"] == pytest.approx(1.5, rel=1e-3)
+    assert all(abs(r) < 1e-6 for r in multipliers(ladder({"bov": 1.5}, noise=0.0), "variant", "budget", "baseline",
+                                                  n_boot=50).attrs["residuals"].values())
+    # a ladder whose 1x point sits above the law through the rest: the fit reads every variant short of it
+    bent = ladder({"ref": 1.0}, noise=0.0)
+    bent.loc[(bent["variant"] == "baseline") & (bent["budget"] == "1x"), "val/bpb"] += 0.01
+    bent.loc[bent["variant"] == "ref", "val/bpb"] += 0.01  # a variant equal to the measured baseline at 1x
+    row = multipliers(bent, "variant", "budget", "baseline", n_boot=200).iloc[0]
+    assert row["interpolated"] == pytest.approx(1.0, abs=1e-9) and row["multiplier"] < 0.99
+    far = multipliers(ladder({"far": 10.0}), "variant", "budget", "baseline", n_boot=50).iloc[0]
+    assert math.isnan(far["interpolated"])  # beyond the measured losses: no reading without a law
+
+
 def test_more_noise_widens_the_interval_and_one_seed_has_none():
     tight = multipliers(ladder({"bov": 1.5}), "variant", "budget", "baseline", n_boot=500).iloc[0]
     loose = multipliers(ladder({"bov": 1.5}, noise=0.01), "variant", "budget", "baseline", n_boot=500).iloc[0]

@@ -184,7 +184,7 @@ def plot_compute(runs: pd.DataFrame, by: str, fit=None, baseline: str | None = N
 
 def plot_multipliers(table: pd.DataFrame, by: str, title: str = ""):
     """Each variant's compute-equivalent multiplier with its 95% interval (log x; 1 = the baseline's worth);
-    extrapolated ones hollow."""
+    extrapolated ones hollow; beside each, the law-free reading where there is one."""
     import matplotlib.pyplot as plt
 
     style()
@@ -198,13 +198,24 @@ def plot_multipliers(table: pd.DataFrame, by: str, title: str = ""):
     for flag, face in ((False, "C0"), (True, "white")):
         k = finite & (t["extrapolated"] == flag)
         ax.scatter(t["multiplier"][k], y[k], facecolor=face, edgecolor="C0", zorder=3,
-                   label="extrapolated" if flag and k.any() else None)
+                   label=("fitted law, extrapolated" if flag else "fitted law") if k.any() else None)
+    if "interpolated" in t and t["interpolated"].notna().any():  # the same, read without the law (bov.scaling)
+        k = t["interpolated"].notna()
+        ilo = (t["interpolated"] - t["interpolated_low"]).clip(lower=0).fillna(0)
+        ihi = (t["interpolated_high"] - t["interpolated"]).clip(lower=0).fillna(0)
+        ax.errorbar(t["interpolated"][k], y[k] + 0.2, xerr=[ilo[k], ihi[k]], fmt="s", ms=5, capsize=3, color="C1",
+                    label="no law: between the measured budgets")
     ax.axvline(1, color="black", lw=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(6))  # multipliers span a narrow range: a few plain ticks, not 10^x
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(y, [f"{a} @ {b}" for a, b in zip(t[by], t.iloc[:, 1])])
     ax.invert_yaxis()
     ax.set_xlabel("compute-equivalent multiplier (× the baseline's FLOPs), 95% CI")
-    if (t["extrapolated"] & finite).any():
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     if title:
         ax.set_title(title)

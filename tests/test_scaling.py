@@ -256,3 +256,13 @@ def test_a_size_ladder_micro_study_reports_its_trend(tmp_path):
     assert "The gain of bov over baseline (baseline - bov in val/bpb: " in text and " per decade [" in text
     table = pd.read_csv(out / "table.csv")
     assert sorted(set(table["coord.size"])) == ["depth2", "depth4", "depth6"] and "multiplier" not in table
+
+
+def test_the_multipliers_figure_shows_both_readings():
+    from bov.figures import plot_multipliers
+
+    m = multipliers(ladder({"bov": 1.5, "x0": 1.2}), "variant", "budget", "baseline", n_boot=100)
+    fig = plot_multipliers(m, by="variant", title="t")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["fitted law", "no law: between the measured budgets"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["bov @ 1x", "x0 @ 1x"]

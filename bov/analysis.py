@@ -122,7 +122,8 @@ def load_runs(experiment: str, tracking_uri: str | None = None, status: Sequence
     for key in set(params) & set(metrics):  # a run's setup: params in older runs, `setup/` metrics since (T.SETUP)
         params[key] = np.where(pd.isna(metrics[key]), params[key], metrics.pop(key))
     if "start_time" in raw and "end_time" in raw:  # a run resumed after a stop counts the stop too
-        out["wall_s"] = (pd.to_datetime(raw["end_time"]) - pd.to_datetime(raw["start_time"])).dt.total_seconds().to_numpy()
+        ends, starts = (pd.to_datetime(raw[k], utc=True) for k in ("end_time", "start_time"))  # no end: NaN
+        out["wall_s"] = (ends - starts).dt.total_seconds().to_numpy()
     out = pd.concat([out, pd.DataFrame(params), pd.DataFrame(metrics)], axis=1)
     out = out.loc[:, ~out.columns.duplicated()]  # the config's own `variant`/`preset` equal the tags
     out["seed"] = pd.to_numeric(out["seed"], errors="coerce").astype("Int64")

@@ -18,6 +18,7 @@ hashes as the path the studies used before names existed, so their stores and re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import lzma
@@ -57,6 +58,7 @@ def split_name(source: str) -> tuple[str, str]:
     return name, pattern or "*"
 
 
+@functools.cache  # read once per process: every source check and read resolves the name again
 def manifest(name: str) -> Manifest:
     path = MANIFESTS / f"{name}.json"
     if not path.is_file():

@@ -161,6 +161,12 @@ def study_from_environment(default: str) -> tuple[Study, Path, str | None]:
     return load_study(name, uri), results_dir() / name, uri
 
 
+def references_of(definition: dict[str, Any]) -> list[str]:
+    """The levels a study compares every level with, from its recorded definition: its baseline first."""
+    first = [definition["baseline_level"]] if definition.get("baseline_level") else []
+    return list(dict.fromkeys(first + (definition.get("references") or [])))
+
+
 def load_study(name: str, tracking_uri: str | None = None) -> Study:
     """A sweep's finished trial runs plus its definition, read from its MLflow parent run (bov.tracking)."""
     import mlflow
@@ -174,8 +180,7 @@ def load_study(name: str, tracking_uri: str | None = None) -> Study:
     d = T.read_study_definition(mlflow.MlflowClient(mlflow.get_tracking_uri()).get_run(parents[0]))
     study.axis, study.levels, study.metric = d["axis"], [str(lv) for lv in d["levels"]], d["metric"]
     study.preset, study.baseline, study.definition = d["preset"], d["baseline_level"], d["definition"]
-    refs = [study.baseline] if study.baseline else []
-    study.references, study.paper = list(dict.fromkeys(refs + (d.get("references") or []))), d.get("paper")
+    study.references, study.paper = references_of(d), d.get("paper")
     study.axes = d.get("axes") or []
     return study
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bov.analysis import RECORD, RUNS, load_runs, results_dir
+from bov.analysis import RECORD, RUNS, load_runs, references_of, results_dir
 
 
 class ReproduceError(ValueError):
@@ -101,8 +101,8 @@ def other_data(committed: Committed, new: pd.DataFrame) -> str | None:
 
 
 def reference_of(committed: Committed) -> str:
-    d = committed.definition
-    return (d.get("references") or [d.get("baseline_level") or "baseline"])[0]
+    """The level differences are taken from: the study's first reference, as its tables take it."""
+    return (references_of(committed.definition) or ["baseline"])[0]
 
 
 def as_deltas(runs: pd.DataFrame, metric: str, reference: str) -> pd.DataFrame:

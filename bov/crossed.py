@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from bov import analysis as A
 from bov import stats as S
 from bov.figures import (
@@ -50,6 +52,7 @@ def report(study: A.Study, out_dir: Path, tracking_uri: str | None = None) -> di
         table, notes, files = _budget_section(study, runs, table, shown, out, out_dir)
     if second["kind"] == "size":
         notes, files = _size_section(study, runs, out, out_dir)
+        table = _with_worth_per_size(table, shown, out["trends"], a, b)
     caption = _caption(study, runs, notes)
     files += A.write_table(table, out_dir, "table", by=a, metric=metric, baseline=base, caption=caption, shown=shown)
     files += save(plot_compute(runs, by=a, fit=out.pop("fit"), baseline=base, metric=metric, order=first["levels"],
@@ -103,13 +106,39 @@ def _size_section(study: A.Study, runs, out: dict, out_dir: Path):
             lines.append(f"No size trend for {variant}: {e}.")
             continue
         out["trends"][variant] = (sizes, trend)
-        lines += [trend["text"], "", sizes.to_markdown(index=False, floatfmt=".4g"), ""]
+        lines += [trend["text"], "", _size_rows(sizes).to_markdown(index=False, floatfmt=".4g"), "",
+                  f"{trend['worth'][0].upper()}{trend['worth'][1:]}.", ""]
         files += save(plot_size_trend(sizes, trend, title=f"{study.name}: {variant}", metric=study.metric),
                       out_dir, f"size_trend_{variant}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "size_trend.md").write_text(f"# {study.name}: the gain against model size\n\n" + "\n".join(lines) + "\n")
     files.append(out_dir / "size_trend.md")
-    return [ln for ln in lines if ln.startswith(("The gain", "No size"))], files
+    return list(dict.fromkeys(ln for ln in lines if ln.startswith(("The gain", "No size", "× compute", "No multiplier")))), files
+
+
+def _size_rows(sizes):
+    """A size table as `size_trend.md` shows it: the axis by its name, the multiplier and its interval as one
+    column."""
+    sizes = sizes.rename(columns=lambda c: c.removeprefix("coord."))
+    if "multiplier" not in sizes:
+        return sizes
+    shown = sizes.drop(columns=["multiplier", "multiplier_low", "multiplier_high"])
+    shown["× compute (95% CI)"] = [format_multiplier(*r, False) for r in zip(
+        sizes["multiplier"], sizes["multiplier_low"], sizes["multiplier_high"])]
+    return shown
+
+
+def _with_worth_per_size(table, shown, trends: dict, a: str, b: str):
+    """The study table with each variant's multiplier per size (from its size trend) as columns, and the same
+    formatted in `shown` (in place); the baseline's rows have none."""
+    worth = [sizes[[b, "multiplier", "multiplier_low", "multiplier_high"]].assign(**{a: variant})
+             for variant, (sizes, _) in trends.items() if "multiplier" in sizes]
+    if not worth:
+        return table
+    table = table.merge(pd.concat(worth), on=[a, b], how="left")
+    shown["× compute along sizes (95% CI)"] = [format_multiplier(*r, False) for r in zip(
+        table["multiplier"], table["multiplier_low"], table["multiplier_high"])]
+    return table
 
 
 def _caption(study: A.Study, runs, notes: list[str]) -> str:

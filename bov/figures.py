@@ -224,11 +224,16 @@ def plot_multipliers(table: pd.DataFrame, by: str, title: str = ""):
 
 
 def plot_size_trend(table: pd.DataFrame, trend: dict, title: str = "", metric: str = VAL_BPB):
-    """The gain (-delta, 95% interval) against non-embedding parameters (log x), with the fitted trend."""
+    """The gain (-delta, 95% interval) against non-embedding parameters (log x), with the fitted trend; beside
+    it, where the table has one, the multiplier per size read along the baseline's sizes (bov.scaling)."""
     import matplotlib.pyplot as plt
 
     style()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    worth = "multiplier" in table and table["multiplier"].notna().any()
+    fig, axes = plt.subplots(1, 2 if worth else 1, figsize=(11 if worth else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    if worth:
+        _plot_worth_per_size(axes[0, 1], table)
     n, gain = table["params_non_embedding"], -table["delta"]
     ax.errorbar(n, gain, yerr=[(gain + table["ci_high"]).fillna(0), (-table["ci_low"] - gain).fillna(0)], fmt="o",
                 capsize=3)
@@ -240,6 +245,21 @@ def plot_size_trend(table: pd.DataFrame, trend: dict, title: str = "", metric: s
     ax.axhline(0, color="grey", lw=0.8)
     return _log_x(fig, ax, "non-embedding parameters", f"gain in validation {metric.split('/')[-1]} (baseline - variant)",
                   title)
+
+
+def _plot_worth_per_size(ax, table: pd.DataFrame) -> None:
+    """The multiplier per size with its 95% interval (1 = the baseline's worth); none drawn where there is none."""
+    k = table["multiplier"].notna()
+    n, m = table["params_non_embedding"][k], table["multiplier"][k]
+    ax.errorbar(n, m, yerr=[(m - table["multiplier_low"][k]).clip(lower=0).fillna(0),
+                            (table["multiplier_high"][k] - m).clip(lower=0).fillna(0)], fmt="s", color="C1", capsize=3,
+                label="× compute along the baseline's sizes")
+    ax.axhline(1, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(*(table["params_non_embedding"].agg(["min", "max"]) * [0.8, 1.25]))
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("compute-equivalent multiplier")
+    ax.legend(fontsize=8)
 
 
 def plot_epochs(runs: pd.DataFrame, metric: str = VAL_BPB, hue: str = "variant", order: Sequence[str] | None = None,

@@ -13,7 +13,9 @@
   measured budgets that bracket it (log compute linear in loss), with the same bootstrap; NaN outside them. Where
   the law misses the ladder's points (its residuals are in `.attrs["residuals"]`), the two differ, and the
   difference is the law's, not the variant's.
-* `size_trend(runs, ...)`: per model size, the variant's delta against the baseline, paired by seed; the gain
+* `size_trend(runs, ...)`: per model size, the variant's delta against the baseline, paired by seed, and its
+  multiplier read along the baseline's sizes (`along_ladder`: with tokens tied to size, the sizes are a ladder
+  in compute, the model and its tokens grown together; no law, so no reading beyond the largest size); the gain
   (-delta) fitted against log10 of the non-embedding parameters; the slope's 95% interval from the sizes'
   own standard errors (Welch-Satterthwaite degrees of freedom: with 3 seeds a bootstrap of the seeds would be
   too narrow); the trend in words (shrinks, holds, grows) and the range the fit may be read in.
@@ -96,12 +98,13 @@ def fit_ladder(compute, loss) -> PowerLaw:
     return PowerLaw(floor, A, alpha, c0)
 
 
-def _ladder(base: pd.DataFrame, budget: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """budget level -> (compute, loss) per seed of the baseline; checked to carry a fit."""
+def _ladder(base: pd.DataFrame, budget: str, metric: str, least: int = MIN_BUDGETS
+            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """budget level -> (compute, loss) per seed of the baseline; checked to carry a fit (`least` rungs)."""
     ladder = {b: (g["compute"].to_numpy(float), g[metric].to_numpy(float)) for b, g in base.groupby(budget)}
-    if len(ladder) < MIN_BUDGETS:
+    if len(ladder) < least:
         raise LadderError(f"the baseline ran at {len(ladder)} budget(s) ({', '.join(map(str, ladder)) or 'none'}); "
-                          f"a compute multiplier needs a ladder of at least {MIN_BUDGETS}")
+                          f"a compute multiplier needs a ladder of at least {least}")
     means = sorted((c.mean(), L.mean()) for c, L in ladder.values())
     if not means[-1][1] < means[0][1]:
         raise LadderError(f"the baseline's loss does not fall with compute ({means[0][1]:.4f} at {means[0][0]:.3g} "
@@ -126,6 +129,37 @@ def interpolated(ladder: dict[str, tuple[np.ndarray, np.ndarray]], loss: float) 
     return math.nan
 
 
+def _bootstrap(ladder: dict[str, tuple[np.ndarray, np.ndarray]], groups: list, metric: str, n_boot: int,
+               rng: np.random.Generator, law: bool) -> tuple[np.ndarray, np.ndarray]:
+    """n_boot x groups resampled multipliers, the seeds drawn again within every rung of the ladder and within
+    every variant cell group: read through the refitted law (all NaN when `law` is False, or where a resample's
+    fit does not fall) and without a law (NaN outside the resample's measured losses)."""
+    boots = np.full((n_boot, len(groups)), np.nan)
+    boots_interp = np.full((n_boot, len(groups)), np.nan)
+    for i in range(n_boot):
+        resampled = {b: (c[k], L[k]) for b, (c, L) in ladder.items() for k in [rng.integers(0, len(L), len(L))]}
+        try:
+            f = _fit(resampled) if law else None
+        except LadderError:  # a resample whose fit does not fall: no multiplier from it
+            f = None
+        for j, (_, _, g) in enumerate(groups):
+            L = g[metric].to_numpy(float)
+            drawn = L[rng.integers(0, len(L), len(L))].mean()
+            if f is not None:
+                boots[i, j] = f.compute(drawn) / g["compute"].mean()
+            boots_interp[i, j] = interpolated(resampled, drawn) / g["compute"].mean()
+    return boots, boots_interp
+
+
+def _percentiles(draws: np.ndarray, seeds: int, confidence: float) -> tuple[float, float]:
+    """The percentile interval of the finite draws; none for one seed or fewer than two draws."""
+    ok = draws[~np.isnan(draws)]
+    if len(ok) < 2 or seeds < 2:
+        return math.nan, math.nan
+    lo, hi = np.quantile(ok, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
+
 def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric: str = "val/bpb",
                 n_boot: int = N_BOOT, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
     """One row per (level, budget) cell group other than the baseline's: seeds, loss, compute, multiplier with
@@ -136,30 +170,13 @@ def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric:
     lo_loss = min(L.mean() for _, L in ladder.values())
     hi_loss = max(L.mean() for _, L in ladder.values())
     groups = [(lv, b, g) for (lv, b), g in runs[runs[by] != baseline].groupby([by, budget], sort=False)]
-    rng = np.random.default_rng(seed)
-    boots = np.full((n_boot, len(groups)), np.nan)
-    boots_interp = np.full((n_boot, len(groups)), np.nan)
-    for i in range(n_boot):
-        resampled = {b: (c[k], L[k]) for b, (c, L) in ladder.items() for k in [rng.integers(0, len(L), len(L))]}
-        try:
-            f = _fit(resampled)
-        except LadderError:  # a resample whose fit does not fall: no multiplier from it
-            f = None
-        for j, (_, _, g) in enumerate(groups):
-            L = g[metric].to_numpy(float)
-            drawn = L[rng.integers(0, len(L), len(L))].mean()
-            if f is not None:
-                boots[i, j] = f.compute(drawn) / g["compute"].mean()
-            boots_interp[i, j] = interpolated(resampled, drawn) / g["compute"].mean()
+    boots, boots_interp = _bootstrap(ladder, groups, metric, n_boot, np.random.default_rng(seed), law=True)
     rows = []
-    q = [(1 - confidence) / 2, (1 + confidence) / 2]
     for j, (lv, b, g) in enumerate(groups):
         loss, used = float(g[metric].mean()), float(g["compute"].mean())
         point = float(fit.compute(loss)) / used
-        ok = boots[:, j][~np.isnan(boots[:, j])]
-        lo, hi = (np.quantile(ok, q) if len(ok) > 1 and len(g) > 1 else (math.nan, math.nan))
-        ok = boots_interp[:, j][~np.isnan(boots_interp[:, j])]
-        ilo, ihi = (np.quantile(ok, q) if len(ok) > 1 and len(g) > 1 else (math.nan, math.nan))
+        lo, hi = _percentiles(boots[:, j], len(g), confidence)
+        ilo, ihi = _percentiles(boots_interp[:, j], len(g), confidence)
         outside = not lo_loss <= loss <= hi_loss
         note = ("below the fitted floor E: no finite multiplier" if math.isinf(point) else
                 f"extrapolated: loss {'below' if loss < lo_loss else 'above'} the ladder's "
@@ -175,6 +192,40 @@ def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric:
     out.attrs["fit"] = fit
     out.attrs["residuals"] = {b: float(L.mean() - fit.loss(c.mean())) for b, (c, L) in ladder.items()}
     return out
+
+
+def along_ladder(runs: pd.DataFrame, by: str, rung: str, baseline: str, metric: str = "val/bpb",
+                 n_boot: int = N_BOOT, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+    """The law-free multiplier of every variant cell group, read along the baseline's rungs, whatever makes them
+    differ in compute: for a size ladder whose tokens are tied to size, the baseline grown in parameters and
+    tokens together. Columns by, rung, multiplier, ci_low, ci_high (NaN where the variant's loss lies outside
+    the rungs' measured losses: at the largest size, a variant ahead of its baseline). Two rungs at least."""
+    ladder = _ladder(runs[runs[by] == baseline], rung, metric, least=2)
+    groups = [(lv, r, g) for (lv, r), g in runs[runs[by] != baseline].groupby([by, rung], sort=False)]
+    _, boots = _bootstrap(ladder, groups, metric, n_boot, np.random.default_rng(seed), law=False)
+    rows = []
+    for j, (lv, r, g) in enumerate(groups):
+        lo, hi = _percentiles(boots[:, j], len(g), confidence)
+        rows.append({by: lv, rung: r, "multiplier": interpolated(ladder, float(g[metric].mean())) / g["compute"].mean(),
+                     "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=[by, rung, "multiplier", "ci_low", "ci_high"])
+
+
+def _worth_per_size(runs: pd.DataFrame, table: pd.DataFrame, by: str, size: str, baseline: str, metric: str
+                    ) -> tuple[pd.DataFrame, str]:
+    """The size table with each size's multiplier along the baseline's sizes (`along_ladder`) and the line that
+    says what it is, or why there is none."""
+    if "compute" not in runs:
+        return table, "no multiplier: the runs carry no training FLOPs"
+    try:
+        m = along_ladder(runs, by, size, baseline, metric)
+    except LadderError as e:
+        return table, f"no multiplier: {e}"
+    m = m.drop(columns=by).rename(columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high"})
+    return table.merge(m, on=size, how="left"), (
+        "× compute: the baseline's compute, read between the two sizes whose losses bracket the variant's (log "
+        "compute linear in loss; with tokens tied to size the baseline grows in parameters and tokens together), "
+        "over the variant's compute, 95% bootstrap interval over seeds; '-' outside the baselines' losses")
 
 
 def _slope_interval(x: np.ndarray, diffs: list[np.ndarray], slope: float, confidence: float) -> tuple[float, float]:
@@ -211,6 +262,7 @@ def size_trend(runs: pd.DataFrame, by: str, size: str, baseline: str, variant: s
     table = pd.DataFrame(rows).sort_values("params_non_embedding", ignore_index=True) if rows else pd.DataFrame()
     if len(rows) < MIN_SIZES:
         raise LadderError(f"{variant} and {baseline} share {len(rows)} size(s); a trend against size needs {MIN_SIZES}")
+    table, worth = _worth_per_size(runs[runs[by].isin([baseline, variant])], table, by, size, baseline, metric)
     x = np.log10([n for n, _ in paired])
     gains = np.array([-d.mean() for _, d in paired])
     slope = float(np.polyfit(x, gains, 1)[0])
@@ -219,7 +271,7 @@ def size_trend(runs: pd.DataFrame, by: str, size: str, baseline: str, variant: s
     ahead = gains.mean() >= 0  # the variant ahead on average: its gain grows or shrinks; behind: its deficit
     trend = ("unresolved (one seed: no interval)" if math.isnan(lo) else "holds (no resolved trend)" if lo <= 0 <= hi
              else ("grows" if ahead else "narrows (a deficit)") if lo > 0 else ("shrinks" if ahead else "widens (a deficit)"))
-    return table, {"slope": slope, "ci_low": float(lo), "ci_high": float(hi), "trend": trend,
+    return table, {"slope": slope, "ci_low": float(lo), "ci_high": float(hi), "trend": trend, "worth": worth,
                    "range": (float(small), float(large)), "read_up_to": float(large * large / small),
                    "text": (f"The gain of {variant} over {baseline} ({baseline} - {variant} in {metric}: "
                             f"{gains[np.argmin(x)]:+.4f} at {small / 1e6:.2f}M, {gains[np.argmax(x)]:+.4f} at "

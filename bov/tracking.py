@@ -168,7 +168,8 @@ def open_run(cfg, uri: str, *, run_name: str, params: dict[str, Any], data: dict
 
 
 def _corpus_tag(cfg, data: dict) -> dict[str, str]:
-
+    """`bov.corpus`: where a named corpus's training and validation text came from (a local copy or its public
+    build) and the digest of what was read; no tag for text given by path."""
     said = [o for o in dict.fromkeys(map(corpus_origin, (cfg.data.source, cfg.data.val_source))) if o]
     return {TAG_CORPUS: f"{'; '.join(said)}; corpus digest {data.get('corpus', '?')}"} if said else {}
 

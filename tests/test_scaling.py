@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bov.config import ConfigError
-from bov.scaling import LadderError, PowerLaw, fit_ladder, multipliers, size_trend
+from bov.scaling import LadderError, PowerLaw, along_ladder, fit_ladder, multipliers, size_trend
 from bov.study import load_sweep
 
 LAW = PowerLaw(E=1.8, A=0.5, alpha=0.35, c0=1e12)
@@ -131,6 +131,50 @@ def test_the_gain_against_size_says_whether_it_shrinks_holds_or_grows(gains, tre
     assert t["range"] == (1e6, 1e7) and t["read_up_to"] == pytest.approx(1e8)
     assert "135M is 14x the largest size: out of its reach" in t["text"]
     assert f"{-table['delta'].iloc[0]:+.4f} at 1.00M, {-table['delta'].iloc[-1]:+.4f} at 10.00M" in t["text"]
+
+
+def size_ladder(worth: float, seeds=3, noise=0.002, seed=0) -> pd.DataFrame:
+    """The baseline at three sizes, compute 1x/4x/16x (tokens tied to size), its loss linear in log compute
+    (so the law-free reading is exact); the variant at each size with the loss the baseline ladder reaches at
+    `worth` times that size's compute."""
+    rng = np.random.default_rng(seed)
+    line = lambda c: 3.0 - 0.1 * math.log(c / C1)  # noqa: E731
+    rows = []
+    for n, m in ((1e6, 1), (3e6, 4), (1e7, 16)):
+        for s in range(seeds):
+            rows += [{"variant": "baseline", "size": f"{n:g}", "seed": s, "params_non_embedding": n,
+                      "compute": m * C1, "val/bpb": line(m * C1) + rng.normal(0, noise)},
+                     {"variant": "bov", "size": f"{n:g}", "seed": s, "params_non_embedding": n,
+                      "compute": m * C1, "val/bpb": line(worth * m * C1) + rng.normal(0, noise)}]
+    return pd.DataFrame(rows)
+
+
+def test_the_multiplier_per_size_is_read_along_the_baselines_sizes():
+    """A variant worth 1.5x at every size: recovered inside its interval at the sizes below the largest; at the
+    largest its loss lies beyond every baseline's, so there is no reading (no law to extrapolate with)."""
+    exact = along_ladder(size_ladder(1.5, noise=0.0), "variant", "size", "baseline", n_boot=100)
+    assert list(exact["multiplier"][:2]) == pytest.approx([1.5, 1.5], rel=1e-9) and math.isnan(exact["multiplier"][2])
+    table, t = size_trend(size_ladder(1.5), "variant", "size", "baseline", "bov")
+    for _, row in table.iloc[:2].iterrows():
+        assert row["multiplier_low"] < 1.5 < row["multiplier_high"] and row["multiplier"] == pytest.approx(1.5, rel=0.05)
+    assert table["multiplier"].isna().iloc[2] and t["worth"].startswith("× compute: the baseline's compute, read")
+    assert along_ladder(size_ladder(1.5, seeds=1), "variant", "size", "baseline", n_boot=50)["ci_low"].isna().all()
+    from bov.figures import plot_size_trend
+
+    assert [ax.get_ylabel() for ax in plot_size_trend(table, t).axes] == [
+        "gain in validation bpb (baseline - variant)", "compute-equivalent multiplier"]
+    bare, t = size_trend(sizes({1e6: 0.05, 3e6: 0.035, 1e7: 0.02}), "variant", "size", "baseline", "bov")
+    assert len(plot_size_trend(bare, t).axes) == 1  # no multiplier: the gain alone
+
+
+def test_a_size_ladder_without_compute_or_a_falling_baseline_has_no_multiplier_but_its_trend():
+    table, t = size_trend(sizes({1e6: 0.05, 3e6: 0.035, 1e7: 0.02}), "variant", "size", "baseline", "bov")
+    assert "multiplier" not in table and t["worth"] == "no multiplier: the runs carry no training FLOPs"
+    flat = sizes({1e6: 0.05, 3e6: 0.035, 1e7: 0.02}).assign(compute=C1)
+    table, t = size_trend(flat, "variant", "size", "baseline", "bov")
+    assert "does not fall with compute" in t["worth"] and t["trend"] == "shrinks"
+    with pytest.raises(LadderError, match="at least 2"):
+        along_ladder(size_ladder(1.5).query("size == '1e+06'"), "variant", "size", "baseline")
 
 
 def test_a_size_trend_needs_three_sizes():
@@ -255,7 +299,9 @@ def test_a_size_ladder_micro_study_reports_its_trend(tmp_path):
     text = (out / "size_trend.md").read_text()
     assert "The gain of bov over baseline (baseline - bov in val/bpb: " in text and " per decade [" in text
     table = pd.read_csv(out / "table.csv")
-    assert sorted(set(table["coord.size"])) == ["depth2", "depth4", "depth6"] and "multiplier" not in table
+    assert sorted(set(table["coord.size"])) == ["depth2", "depth4", "depth6"]
+    assert table.loc[table["coord.variant"] == "baseline", "multiplier"].isna().all()  # per variant, not the baseline
+    assert "| size   |" in text and "× compute (95% CI)" in text and "| × compute along sizes (95% CI) " in (out / "table.md").read_text()
 
 
 def test_the_multipliers_figure_shows_both_readings():

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from bov import tracking
 from bov.config import ConfigError, ExperimentConfig, load_config
 from bov.paths import runs_dir
-from bov.scaling import LadderError, format_multiplier, multipliers
+from bov.scaling import LadderError, along_ladder, format_multiplier, multipliers
 from bov.stats import compare, compare_within, format_table, format_verdicts, verdicts
 from bov.study import SearchParam, Sweep
 
@@ -230,6 +230,14 @@ class Grid:
                     columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high"}), on=[a, b], how="left")
             except LadderError as e:
                 table.attrs["no_multiplier"] = str(e)
+        if sweep.axes[1]["kind"] == "size":  # the baseline's sizes as a compute ladder, read without a law
+            try:
+                m = along_ladder(runs, by=a, rung=b, baseline=sweep.spec.baseline_level, metric=sweep.spec.metric)
+                table = table.merge(m.rename(columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high"})
+                                    .assign(extrapolated=False), on=[a, b], how="left")
+                table.attrs["multiplier_along"] = b
+            except LadderError as e:
+                table.attrs["no_multiplier"] = str(e)
         return table
 
     def format(self, table) -> str:
@@ -245,7 +253,11 @@ class Grid:
         if self.sweep.axes:
             axis = self.sweep.axes[1]["name"]
             text += f"\n\nΔ: against {spec.baseline_level} at the same {axis}, paired by seed."
-            if "multiplier" in table:
+            if "multiplier_along" in table.attrs:
+                text += (f" × compute: the baseline's compute read between the two {axis}s whose losses bracket the "
+                         "level's (no law), over the level's own (bov.scaling.along_ladder); 95% interval by "
+                         "bootstrap over seeds; '-' beyond the baselines' losses.")
+            elif "multiplier" in table:
                 text += (" × compute: the baseline's compute at which its fitted ladder reaches the level's loss, over "
                          "the level's own (bov.scaling); 95% interval by bootstrap over seeds.")
             if "no_multiplier" in table.attrs:

@@ -290,10 +290,13 @@ def test_a_size_ladder_micro_study_reports_its_trend(tmp_path):
     path = cross_file(tmp_path, {"axis": "size", "levels": [2, 4, 6]}, levels=["baseline", "bov"])
     runs, results = tmp_path / "runs", tmp_path / "results"
     env = env_with(runs, BOV_RESULTS_DIR=str(results))
+    printed = []
     for args in (["sweep", str(path)], ["figures", "--study", "x-micro", "--script"]):
         done = subprocess.run([sys.executable, "-m", "bov.cli", *args], env=env, capture_output=True, text=True,
                               timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
+        printed.append(done.stdout + done.stderr)
+    assert "× compute: the baseline's compute read between the two sizes" in printed[0]  # the sweep's summary
     out = results / "x-micro"
     assert {"size_trend.md", "size_trend_bov.png", "compute.png"} <= {p.name for p in out.iterdir()}
     text = (out / "size_trend.md").read_text()

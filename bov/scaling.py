@@ -98,12 +98,13 @@ def fit_ladder(compute, loss) -> PowerLaw:
     return PowerLaw(floor, A, alpha, c0)
 
 
-def _ladder(base: pd.DataFrame, budget: str, metric: str, least: int = MIN_BUDGETS
+def _ladder(base: pd.DataFrame, budget: str, metric: str, least: int = MIN_BUDGETS, rung: str = "budget"
             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """budget level -> (compute, loss) per seed of the baseline; checked to carry a fit (`least` rungs)."""
+    """budget level -> (compute, loss) per seed of the baseline; checked to carry a fit (`least` rungs, each a
+    `rung`: a budget, or a size)."""
     ladder = {b: (g["compute"].to_numpy(float), g[metric].to_numpy(float)) for b, g in base.groupby(budget)}
     if len(ladder) < least:
-        raise LadderError(f"the baseline ran at {len(ladder)} budget(s) ({', '.join(map(str, ladder)) or 'none'}); "
+        raise LadderError(f"the baseline ran at {len(ladder)} {rung}(s) ({', '.join(map(str, ladder)) or 'none'}); "
                           f"a compute multiplier needs a ladder of at least {least}")
     means = sorted((c.mean(), L.mean()) for c, L in ladder.values())
     if not means[-1][1] < means[0][1]:
@@ -200,7 +201,7 @@ def along_ladder(runs: pd.DataFrame, by: str, rung: str, baseline: str, metric: 
     differ in compute: for a size ladder whose tokens are tied to size, the baseline grown in parameters and
     tokens together. Columns by, rung, multiplier, ci_low, ci_high (NaN where the variant's loss lies outside
     the rungs' measured losses: at the largest size, a variant ahead of its baseline). Two rungs at least."""
-    ladder = _ladder(runs[runs[by] == baseline], rung, metric, least=2)
+    ladder = _ladder(runs[runs[by] == baseline], rung, metric, least=2, rung=rung.removeprefix("coord."))
     groups = [(lv, r, g) for (lv, r), g in runs[runs[by] != baseline].groupby([by, rung], sort=False)]
     _, boots = _bootstrap(ladder, groups, metric, n_boot, np.random.default_rng(seed), law=False)
     rows = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from bov import analysis as A
 from bov import stats as S
@@ -27,7 +26,7 @@ from bov.figures import (
     plot_size_trend,
     save,
 )
-from bov.scaling import LadderError, format_multiplier, multipliers, size_trend
+from bov.scaling import ALONG_SIZES, LadderError, along_ladder, format_multiplier, multipliers, size_trend
 
 
 def report(study: A.Study, out_dir: Path, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -52,7 +51,8 @@ def report(study: A.Study, out_dir: Path, tracking_uri: str | None = None) -> di
         table, notes, files = _budget_section(study, runs, table, shown, out, out_dir)
     if second["kind"] == "size":
         notes, files = _size_section(study, runs, out, out_dir)
-        table = _with_worth_per_size(table, shown, out["trends"], a, b)
+        table, worth = _with_worth_per_size(study, runs, table, shown)
+        notes.append(worth)
     caption = _caption(study, runs, notes)
     files += A.write_table(table, out_dir, "table", by=a, metric=metric, baseline=base, caption=caption, shown=shown)
     files += save(plot_compute(runs, by=a, fit=out.pop("fit"), baseline=base, metric=metric, order=first["levels"],
@@ -113,7 +113,7 @@ def _size_section(study: A.Study, runs, out: dict, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "size_trend.md").write_text(f"# {study.name}: the gain against model size\n\n" + "\n".join(lines) + "\n")
     files.append(out_dir / "size_trend.md")
-    return list(dict.fromkeys(ln for ln in lines if ln.startswith(("The gain", "No size", "× compute", "No multiplier")))), files
+    return [ln for ln in lines if ln.startswith(("The gain", "No size"))], files
 
 
 def _size_rows(sizes):
@@ -128,17 +128,20 @@ def _size_rows(sizes):
     return shown
 
 
-def _with_worth_per_size(table, shown, trends: dict, a: str, b: str):
-    """The study table with each variant's multiplier per size (from its size trend) as columns, and the same
-    formatted in `shown` (in place); the baseline's rows have none."""
-    worth = [sizes[[b, "multiplier", "multiplier_low", "multiplier_high"]].assign(**{a: variant})
-             for variant, (sizes, _) in trends.items() if "multiplier" in sizes]
-    if not worth:
-        return table
-    table = table.merge(pd.concat(worth), on=[a, b], how="left")
+def _with_worth_per_size(study: A.Study, runs, table, shown):
+    """The study table with every variant's multiplier per size (`along_ladder`, as in `size_trend.md` and the
+    sweep's summary) as columns, and the same formatted in `shown` (in place); with the caption's line saying
+    what it is, or why there is none."""
+    a, b = (f"coord.{ax['name']}" for ax in study.axes)
+    try:
+        m = along_ladder(runs, by=a, rung=b, baseline=study.baseline, metric=study.metric)
+    except LadderError as e:
+        return table, f"No multiplier along sizes: {e}."
+    table = table.merge(m.rename(columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high"}), on=[a, b],
+                        how="left")
     shown["× compute along sizes (95% CI)"] = [format_multiplier(*r, False) for r in zip(
         table["multiplier"], table["multiplier_low"], table["multiplier_high"])]
-    return table
+    return table, f"{ALONG_SIZES}."
 
 
 def _caption(study: A.Study, runs, notes: list[str]) -> str:

@@ -38,6 +38,10 @@ import pandas as pd
 from bov.stats import interval
 
 MIN_BUDGETS, MIN_SIZES, N_BOOT = 4, 3, 2000
+ALONG_SIZES = ("× compute along sizes: the baseline's compute, read between the two sizes whose losses bracket the "
+               "variant's (log compute linear in loss, no law; with tokens tied to size the baseline grows in "
+               "parameters and tokens together), over the variant's compute, 95% bootstrap interval over seeds; '-' "
+               "outside the baselines' losses")
 
 
 class LadderError(ValueError):
@@ -200,13 +204,14 @@ def along_ladder(runs: pd.DataFrame, by: str, rung: str, baseline: str, metric: 
     """The law-free multiplier of every variant cell group, read along the baseline's rungs, whatever makes them
     differ in compute: for a size ladder whose tokens are tied to size, the baseline grown in parameters and
     tokens together. Columns by, rung, multiplier, ci_low, ci_high (NaN where the variant's loss lies outside
-    the rungs' measured losses: at the largest size, a variant ahead of its baseline). Two rungs at least."""
+    the rungs' measured losses: at the largest size, a variant ahead of its baseline). Two rungs at least.
+    Each cell group draws its own resamples from `seed`, so its interval does not depend on which other
+    variants the runs hold (the sweep's summary and the figures read the same)."""
     ladder = _ladder(runs[runs[by] == baseline], rung, metric, least=2, rung=rung.removeprefix("coord."))
-    groups = [(lv, r, g) for (lv, r), g in runs[runs[by] != baseline].groupby([by, rung], sort=False)]
-    _, boots = _bootstrap(ladder, groups, metric, n_boot, np.random.default_rng(seed), law=False)
     rows = []
-    for j, (lv, r, g) in enumerate(groups):
-        lo, hi = _percentiles(boots[:, j], len(g), confidence)
+    for (lv, r), g in runs[runs[by] != baseline].groupby([by, rung], sort=False):
+        _, boots = _bootstrap(ladder, [(lv, r, g)], metric, n_boot, np.random.default_rng(seed), law=False)
+        lo, hi = _percentiles(boots[:, 0], len(g), confidence)
         rows.append({by: lv, rung: r, "multiplier": interpolated(ladder, float(g[metric].mean())) / g["compute"].mean(),
                      "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows, columns=[by, rung, "multiplier", "ci_low", "ci_high"])
@@ -223,10 +228,7 @@ def _worth_per_size(runs: pd.DataFrame, table: pd.DataFrame, by: str, size: str,
     except LadderError as e:
         return table, f"no multiplier: {e}"
     m = m.drop(columns=by).rename(columns={"ci_low": "multiplier_low", "ci_high": "multiplier_high"})
-    return table.merge(m, on=size, how="left"), (
-        "× compute: the baseline's compute, read between the two sizes whose losses bracket the variant's (log "
-        "compute linear in loss; with tokens tied to size the baseline grows in parameters and tokens together), "
-        "over the variant's compute, 95% bootstrap interval over seeds; '-' outside the baselines' losses")
+    return table.merge(m, on=size, how="left"), ALONG_SIZES
 
 
 def _slope_interval(x: np.ndarray, diffs: list[np.ndarray], slope: float, confidence: float) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from bov import tracking
 from bov.config import ConfigError, ExperimentConfig, load_config
 from bov.paths import runs_dir
-from bov.scaling import LadderError, along_ladder, format_multiplier, multipliers
+from bov.scaling import ALONG_SIZES, LadderError, along_ladder, format_multiplier, multipliers
 from bov.stats import compare, compare_within, format_table, format_verdicts, verdicts
 from bov.study import SearchParam, Sweep
 
@@ -254,9 +254,7 @@ class Grid:
             axis = self.sweep.axes[1]["name"]
             text += f"\n\nΔ: against {spec.baseline_level} at the same {axis}, paired by seed."
             if "multiplier_along" in table.attrs:
-                text += (f" × compute: the baseline's compute read between the two {axis}s whose losses bracket the "
-                         "level's (no law), over the level's own (bov.scaling.along_ladder); 95% interval by "
-                         "bootstrap over seeds; '-' beyond the baselines' losses.")
+                text += f" {ALONG_SIZES}."
             elif "multiplier" in table:
                 text += (" × compute: the baseline's compute at which its fitted ladder reaches the level's loss, over "
                          "the level's own (bov.scaling); 95% interval by bootstrap over seeds.")

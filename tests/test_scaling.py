@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bov.config import ConfigError
-from bov.scaling import LadderError, PowerLaw, along_ladder, fit_ladder, multipliers, size_trend
+from bov.scaling import ALONG_SIZES, LadderError, PowerLaw, along_ladder, fit_ladder, multipliers, size_trend
 from bov.study import load_sweep
 
 LAW = PowerLaw(E=1.8, A=0.5, alpha=0.35, c0=1e12)
@@ -157,7 +157,12 @@ def test_the_multiplier_per_size_is_read_along_the_baselines_sizes():
     table, t = size_trend(size_ladder(1.5), "variant", "size", "baseline", "bov")
     for _, row in table.iloc[:2].iterrows():
         assert row["multiplier_low"] < 1.5 < row["multiplier_high"] and row["multiplier"] == pytest.approx(1.5, rel=0.05)
-    assert table["multiplier"].isna().iloc[2] and t["worth"].startswith("× compute: the baseline's compute, read")
+    assert table["multiplier"].isna().iloc[2] and t["worth"] == ALONG_SIZES
+    # each cell group's interval is its own: another variant in the runs does not move it
+    both = pd.concat([size_ladder(1.5), size_ladder(1.2, seed=5).query("variant == 'bov'").assign(variant="x0")])
+    alone = along_ladder(size_ladder(1.5), "variant", "size", "baseline").set_index("size")
+    beside = along_ladder(both, "variant", "size", "baseline").query("variant == 'bov'").set_index("size")
+    pd.testing.assert_frame_equal(alone, beside)
     assert along_ladder(size_ladder(1.5, seeds=1), "variant", "size", "baseline", n_boot=50)["ci_low"].isna().all()
     from bov.figures import plot_size_trend
 
@@ -296,7 +301,7 @@ def test_a_size_ladder_micro_study_reports_its_trend(tmp_path):
                               timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
         printed.append(done.stdout + done.stderr)
-    assert "× compute: the baseline's compute read between the two sizes" in printed[0]  # the sweep's summary
+    assert ALONG_SIZES in printed[0]  # the sweep's summary says how its multiplier column is read
     out = results / "x-micro"
     assert {"size_trend.md", "size_trend_bov.png", "compute.png"} <= {p.name for p in out.iterdir()}
     text = (out / "size_trend.md").read_text()
@@ -304,7 +309,7 @@ def test_a_size_ladder_micro_study_reports_its_trend(tmp_path):
     table = pd.read_csv(out / "table.csv")
     assert sorted(set(table["coord.size"])) == ["depth2", "depth4", "depth6"]
     assert table.loc[table["coord.variant"] == "baseline", "multiplier"].isna().all()  # per variant, not the baseline
-    assert "| size   |" in text and "× compute (95% CI)" in text and "| × compute along sizes (95% CI) " in (out / "table.md").read_text()
+    assert "| size   |" in text and "× compute (95% CI)" in text and ALONG_SIZES in (out / "table.md").read_text() and "| × compute along sizes (95% CI) " in (out / "table.md").read_text()
 
 
 def test_the_multipliers_figure_shows_both_readings():

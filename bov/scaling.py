@@ -30,6 +30,7 @@ whose loss does not fall with compute, raises LadderError: one line, no number.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,7 +107,8 @@ def _ladder(base: pd.DataFrame, budget: str, metric: str, least: int = MIN_BUDGE
             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """budget level -> (compute, loss) per seed of the baseline; checked to carry a fit (`least` rungs, each a
     `rung`: a budget, or a size)."""
-    ladder = {b: (g["compute"].to_numpy(float), g[metric].to_numpy(float)) for b, g in base.groupby(budget)}
+    ladder = {b: (g["compute"].to_numpy(float), g[metric].to_numpy(float))
+              for b, g in _in_seed_order(base).groupby(budget)}
     if len(ladder) < least:
         raise LadderError(f"the baseline ran at {len(ladder)} {rung}(s) ({', '.join(map(str, ladder)) or 'none'}); "
                           f"a compute multiplier needs a ladder of at least {least}")
@@ -135,10 +137,16 @@ def interpolated(ladder: dict[str, tuple[np.ndarray, np.ndarray]], loss: float) 
 
 
 def _bootstrap(ladder: dict[str, tuple[np.ndarray, np.ndarray]], groups: list, metric: str, n_boot: int,
-               rng: np.random.Generator, law: bool) -> tuple[np.ndarray, np.ndarray]:
+               seed: int, law: bool) -> tuple[np.ndarray, np.ndarray]:
     """n_boot x groups resampled multipliers, the seeds drawn again within every rung of the ladder and within
     every variant cell group: read through the refitted law (all NaN when `law` is False, or where a resample's
-    fit does not fall) and without a law (NaN outside the resample's measured losses)."""
+    fit does not fall) and without a law (NaN outside the resample's measured losses). The ladder's resamples
+    come from one stream and each group's from its own, keyed by its name, over its runs in seed order: no
+    interval depends on the order the runs were read in or on which other groups are there (the sweep's summary
+    and `make figures` print the same)."""
+    rng = np.random.default_rng(seed)
+    streams = [np.random.default_rng([seed, zlib.crc32(f"{lv}\0{b}".encode())]) for lv, b, _ in groups]
+    losses = [_in_seed_order(g)[metric].to_numpy(float) for _, _, g in groups]
     boots = np.full((n_boot, len(groups)), np.nan)
     boots_interp = np.full((n_boot, len(groups)), np.nan)
     for i in range(n_boot):
@@ -147,13 +155,16 @@ def _bootstrap(ladder: dict[str, tuple[np.ndarray, np.ndarray]], groups: list, m
             f = _fit(resampled) if law else None
         except LadderError:  # a resample whose fit does not fall: no multiplier from it
             f = None
-        for j, (_, _, g) in enumerate(groups):
-            L = g[metric].to_numpy(float)
-            drawn = L[rng.integers(0, len(L), len(L))].mean()
+        for j, ((_, _, g), L, stream) in enumerate(zip(groups, losses, streams)):
+            drawn = L[stream.integers(0, len(L), len(L))].mean()
             if f is not None:
                 boots[i, j] = f.compute(drawn) / g["compute"].mean()
             boots_interp[i, j] = interpolated(resampled, drawn) / g["compute"].mean()
     return boots, boots_interp
+
+
+def _in_seed_order(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.sort_values("seed", kind="stable") if "seed" in runs else runs
 
 
 def _percentiles(draws: np.ndarray, seeds: int, confidence: float) -> tuple[float, float]:
@@ -175,7 +186,7 @@ def multipliers(runs: pd.DataFrame, by: str, budget: str, baseline: str, metric:
     lo_loss = min(L.mean() for _, L in ladder.values())
     hi_loss = max(L.mean() for _, L in ladder.values())
     groups = [(lv, b, g) for (lv, b), g in runs[runs[by] != baseline].groupby([by, budget], sort=False)]
-    boots, boots_interp = _bootstrap(ladder, groups, metric, n_boot, np.random.default_rng(seed), law=True)
+    boots, boots_interp = _bootstrap(ladder, groups, metric, n_boot, seed, law=True)
     rows = []
     for j, (lv, b, g) in enumerate(groups):
         loss, used = float(g[metric].mean()), float(g["compute"].mean())
@@ -204,14 +215,13 @@ def along_ladder(runs: pd.DataFrame, by: str, rung: str, baseline: str, metric: 
     """The law-free multiplier of every variant cell group, read along the baseline's rungs, whatever makes them
     differ in compute: for a size ladder whose tokens are tied to size, the baseline grown in parameters and
     tokens together. Columns by, rung, multiplier, ci_low, ci_high (NaN where the variant's loss lies outside
-    the rungs' measured losses: at the largest size, a variant ahead of its baseline). Two rungs at least.
-    Each cell group draws its own resamples from `seed`, so its interval does not depend on which other
-    variants the runs hold (the sweep's summary and the figures read the same)."""
+    the rungs' measured losses: at the largest size, a variant ahead of its baseline). Two rungs at least."""
     ladder = _ladder(runs[runs[by] == baseline], rung, metric, least=2, rung=rung.removeprefix("coord."))
+    groups = [(lv, r, g) for (lv, r), g in runs[runs[by] != baseline].groupby([by, rung], sort=False)]
+    _, boots = _bootstrap(ladder, groups, metric, n_boot, seed, law=False)
     rows = []
-    for (lv, r), g in runs[runs[by] != baseline].groupby([by, rung], sort=False):
-        _, boots = _bootstrap(ladder, [(lv, r, g)], metric, n_boot, np.random.default_rng(seed), law=False)
-        lo, hi = _percentiles(boots[:, 0], len(g), confidence)
+    for j, (lv, r, g) in enumerate(groups):
+        lo, hi = _percentiles(boots[:, j], len(g), confidence)
         rows.append({by: lv, rung: r, "multiplier": interpolated(ladder, float(g[metric].mean())) / g["compute"].mean(),
                      "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows, columns=[by, rung, "multiplier", "ci_low", "ci_high"])

@@ -73,6 +73,19 @@ def test_without_a_law_the_multiplier_is_read_between_the_measured_budgets():
     assert math.isnan(far["interpolated"])  # beyond the measured losses: no reading without a law
 
 
+def test_no_interval_depends_on_the_order_the_runs_were_read_in():
+    """The sweep's summary reads runs from Optuna, `make figures` from MLflow, in other orders: the same
+    multipliers and intervals, to the last bit, whichever order and whatever other variants are there."""
+    runs = ladder({"bov": 1.5, "x0": 1.2})
+    shuffled = runs.sample(frac=1.0, random_state=3)
+    cols = ["multiplier", "ci_low", "ci_high", "interpolated", "interpolated_low", "interpolated_high"]
+    a = multipliers(runs, "variant", "budget", "baseline", n_boot=200).set_index("variant")[cols]
+    b = multipliers(shuffled, "variant", "budget", "baseline", n_boot=200).set_index("variant")[cols]
+    pd.testing.assert_frame_equal(a.loc[["bov", "x0"]], b.loc[["bov", "x0"]])
+    alone = multipliers(runs[runs["variant"] != "x0"], "variant", "budget", "baseline", n_boot=200)
+    assert alone.set_index("variant").loc["bov", cols].tolist() == a.loc["bov"].tolist()
+
+
 def test_more_noise_widens_the_interval_and_one_seed_has_none():
     tight = multipliers(ladder({"bov": 1.5}), "variant", "budget", "baseline", n_boot=500).iloc[0]
     loose = multipliers(ladder({"bov": 1.5}, noise=0.01), "variant", "budget", "baseline", n_boot=500).iloc[0]
@@ -161,7 +174,8 @@ def test_the_multiplier_per_size_is_read_along_the_baselines_sizes():
     # each cell group's interval is its own: another variant in the runs does not move it
     both = pd.concat([size_ladder(1.5), size_ladder(1.2, seed=5).query("variant == 'bov'").assign(variant="x0")])
     alone = along_ladder(size_ladder(1.5), "variant", "size", "baseline").set_index("size")
-    beside = along_ladder(both, "variant", "size", "baseline").query("variant == 'bov'").set_index("size")
+    beside = along_ladder(both.sample(frac=1.0, random_state=1), "variant", "size", "baseline")
+    beside = beside.query("variant == 'bov'").set_index("size").loc[alone.index]
     pd.testing.assert_frame_equal(alone, beside)
     assert along_ladder(size_ladder(1.5, seeds=1), "variant", "size", "baseline", n_boot=50)["ci_low"].isna().all()
     from bov.figures import plot_size_trend
@@ -230,6 +244,24 @@ def test_a_size_cross_scales_width_heads_and_table_rates_and_ties_tokens_to_size
         b = plan_budget(cfg, fpt)
         non_embedding = sum(params.values()) - params["embedding"] - params["bank"]
         assert b.tokens == pytest.approx(2.0 * non_embedding, rel=0.1)  # whole steps of 256 tokens
+
+
+def test_a_crossed_study_grown_by_a_level_records_it_on_its_axis(tmp_path):
+    """A level added to a crossed study's file (the size ladder's depth-8 control) reaches the analysis: the
+    parent run's recorded axes grow like its levels, so the size section and figures see the new level."""
+    from bov import tracking
+    from bov.analysis import load_study
+    from bov.mlflow_store import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = load_sweep(str(cross_file(tmp_path, {"axis": "size", "levels": [2, 4]})))
+    parent = tracking.create_sweep_run(sweep, uri, ensure_experiment(sweep.name, uri), "sqlite:///x")
+    grown = load_sweep(str(cross_file(tmp_path, {"axis": "size", "levels": [2, 4, 6]},
+                                      levels=["baseline", "bov", "resformer"])))
+    tracking.extend_sweep_run(grown, uri, parent)
+    tracking.extend_sweep_run(sweep, uri, parent)  # a narrower re-run forgets nothing
+    axes = load_study(sweep.name, uri).axes
+    assert [ax["levels"] for ax in axes] == [["baseline", "bov", "resformer"], ["depth2", "depth4", "depth6"]]
 
 
 @pytest.mark.parametrize("cross,fields,message", [

@@ -283,14 +283,21 @@ def extend_sweep_run(sweep, uri: str, run_id: str) -> None:
     except Exception:
         old = read_study_definition(run)
     new = study_definition(sweep)
-    levels = list(dict.fromkeys([*old.get("levels", []), *new["levels"]]))
-    seeds = list(dict.fromkeys([*old.get("seeds", []), *new["seeds"]]))
+    grown = {"levels": list(dict.fromkeys([*old.get("levels", []), *new["levels"]])),
+             "seeds": list(dict.fromkeys([*old.get("seeds", []), *new["seeds"]])),
+             "axes": _grown_axes(old.get("axes") or [], new["axes"])}
     analysis = {k: new[k] for k in ANALYSIS_ONLY}
-    if levels == old.get("levels") and seeds == old.get("seeds") and all(old.get(k) == v for k, v in analysis.items()):
+    if all(old.get(k) == v for k, v in {**grown, **analysis}.items()):
         return
     client.log_text(run_id, sweep.path.read_text(), SWEEP_ARTIFACT)
-    client.log_dict(run_id, {**old, **{k: v for k, v in new.items() if k not in old}, **analysis, "levels": levels,
-                             "seeds": seeds}, STUDY_ARTIFACT)
+    client.log_dict(run_id, {**old, **{k: v for k, v in new.items() if k not in old}, **analysis, **grown},
+                    STUDY_ARTIFACT)
+
+
+def _grown_axes(old: list[dict], new: list[dict]) -> list[dict]:
+    """A crossed study's axes with each axis's levels grown the same way (recorded ones first, in their order)."""
+    before = {ax["name"]: ax["levels"] for ax in old}
+    return [{**ax, "levels": list(dict.fromkeys([*before.get(ax["name"], []), *ax["levels"]]))} for ax in new]
 
 
 def read_study_definition(run) -> dict[str, Any]:

@@ -147,6 +147,7 @@ def _bootstrap(ladder: dict[str, tuple[np.ndarray, np.ndarray]], groups: list, m
     rng = np.random.default_rng(seed)
     streams = [np.random.default_rng([seed, zlib.crc32(f"{lv}\0{b}".encode())]) for lv, b, _ in groups]
     losses = [_in_seed_order(g)[metric].to_numpy(float) for _, _, g in groups]
+    used = [float(g["compute"].mean()) for _, _, g in groups]
     boots = np.full((n_boot, len(groups)), np.nan)
     boots_interp = np.full((n_boot, len(groups)), np.nan)
     for i in range(n_boot):
@@ -155,15 +156,16 @@ def _bootstrap(ladder: dict[str, tuple[np.ndarray, np.ndarray]], groups: list, m
             f = _fit(resampled) if law else None
         except LadderError:  # a resample whose fit does not fall: no multiplier from it
             f = None
-        for j, ((_, _, g), L, stream) in enumerate(zip(groups, losses, streams)):
+        for j, (L, stream) in enumerate(zip(losses, streams)):
             drawn = L[stream.integers(0, len(L), len(L))].mean()
             if f is not None:
-                boots[i, j] = f.compute(drawn) / g["compute"].mean()
-            boots_interp[i, j] = interpolated(resampled, drawn) / g["compute"].mean()
+                boots[i, j] = f.compute(drawn) / used[j]
+            boots_interp[i, j] = interpolated(resampled, drawn) / used[j]
     return boots, boots_interp
 
 
 def _in_seed_order(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs sorted by seed (stable), so that a resample picks the same runs whatever order they came in."""
     return runs.sort_values("seed", kind="stable") if "seed" in runs else runs
 
 
